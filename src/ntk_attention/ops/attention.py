@@ -1,0 +1,82 @@
+"""The public NTK-Attention op: validates its inputs, evaluates the state's query-side terms,
+and runs the fused path (or its naive twin)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from .feature_maps import FeatureMap
+from .fused import fused_attention
+from .naive import naive_attention
+from .state import State, state_terms
+from .validation import check_mask, check_qkv, check_state, resolve_feature_map
+
+__all__ = ["IMPLEMENTATIONS", "ntk_attention", "ntk_attention_fused", "ntk_attention_naive"]
+
+IMPLEMENTATIONS = {"fused": fused_attention, "naive": naive_attention}
+
+
+def ntk_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    z: State,
+    kappa: torch.Tensor,
+    *,
+    feature_map: str | FeatureMap | Callable[[torch.Tensor], torch.Tensor],
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    state_log_scale: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    implementation: str = "auto",
+) -> torch.Tensor:
+    """Attention over the real keys plus a constant-size state standing for a prefix.
+
+        out_i = (sum_j e^{s q_i.k_j} v_j + phi(q_i)^T Z) / (sum_j e^{s q_i.k_j} + phi(q_i)^T kappa)
+
+    Shapes: q [B, Hq, Lq, D]; k [B, Hkv, Lk, D]; v [B, Hkv, Lk, Dv] with Hq a multiple of Hkv
+    (GQA: one state per KV head, query head h uses KV head h // (Hq / Hkv)).
+    z [Hkv, r, Dv] or a low-rank pair (z_a [Hkv, r, s], z_b [Hkv, s, Dv]); kappa [Hkv, r],
+    non-negative (see :func:`nonnegative`). A leading batch dim ([B, Hkv, ...]) gives each row
+    its own state. ``state_log_scale`` ([Hkv] or [B, Hkv]) multiplies the state by
+    e^{state_log_scale}, for states whose raw values would overflow.
+
+    ``feature_map``: "elu", "favor", "taylor", a FeatureMap, or a callable [..., D] -> [..., r].
+    ``attn_mask``: bool (True = attend) or additive float, broadcastable to [B, Hq, Lq, Lk].
+    ``is_causal``: bottom-right aligned (query i sees keys j <= Lk - Lq + i). The state is
+    visible to every query. ``scale`` defaults to 1/sqrt(D). z = 0, kappa = 0 is plain
+    attention. A row with every key masked returns phi^T Z / phi^T kappa, or zeros when
+    phi^T kappa = 0. ``implementation``: "auto" (= "fused"), "fused" or "naive".
+    """
+    check_qkv(q, k, v)
+    attn_mask = check_mask(attn_mask, q, k)
+    r = check_state(z, kappa, q, v)
+    if implementation == "auto":
+        implementation = "fused"
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"implementation must be 'auto' or one of {sorted(IMPLEMENTATIONS)}, "
+            f"got {implementation!r}"
+        )
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    phi = resolve_feature_map(feature_map, q.shape[-1], r, scale, q.device)
+    terms = state_terms(q, z, kappa, phi, state_log_scale)
+    return IMPLEMENTATIONS[implementation](
+        q, k, v, terms, attn_mask=attn_mask, is_causal=is_causal, scale=scale, dropout_p=dropout_p
+    )
+
+
+def ntk_attention_fused(*args, **kwargs) -> torch.Tensor:
+    """:func:`ntk_attention` forced onto the fused (SDPA) path."""
+    return ntk_attention(*args, **kwargs, implementation="fused")
+
+
+def ntk_attention_naive(*args, **kwargs) -> torch.Tensor:
+    """:func:`ntk_attention` forced onto the naive path (materialises the scores)."""
+    return ntk_attention(*args, **kwargs, implementation="naive")

@@ -1,0 +1,204 @@
+"""Feature maps phi for the NTK-Attention state, and the registry that names them.
+
+NTK-Attention replaces the m prefix terms of attention by phi(q)^T Z and phi(q)^T kappa. A
+feature map turns a query [..., D] into r non-negative features [..., r]. Each map can also
+return its features *in log space*: ``log_forward(x) -> (features * e^{-offset}, offset)`` with
+the offset [..., 1] chosen so the scaled features stay O(1). The ops merge that offset with
+the log-sum-exp of the exact attention, so maps whose features overflow fp32 (FAVOR+ on real
+keys) stay finite.
+
+Registry (``FEATURE_MAPS``), selected by name with :func:`get_feature_map`:
+
+``elu``     phi(x) = ELU(x sqrt(s)) + 1, r = D. The paper's map (x / D^(1/4) at s = 1/sqrt(D)).
+            It is *not* a kernel approximation of e^{s x.y}: with it (Z, kappa) are free
+            trainable parameters, a linear-attention state.
+``favor``   positive random features (FAVOR+, Choromanski et al. 2021):
+            phi(x) = exp(W x sqrt(s) - s |x|^2 / 2) / sqrt(r), W [r, D] with orthogonal
+            Gaussian blocks, so E[phi(x)^T phi(y)] = e^{s x.y}. Any r.
+``taylor``  second-order Taylor features of e^{s x.y}:
+            phi(x) = [1, sqrt(s) x, s vec(x x^T) / sqrt(2)], r = 1 + D + D^2, so
+            phi(x)^T phi(y) = 1 + s x.y + (s x.y)^2 / 2 > 0. Individual features can be negative;
+            the kernel value is always positive.
+
+Queries reach a feature map grouped by KV head, shaped [B, Hkv, G * Lq, D], so a map with
+per-head parameters can rely on dimension 1 being the KV head.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "FEATURE_MAPS",
+    "CallableFeatureMap",
+    "EluFeatureMap",
+    "FavorFeatureMap",
+    "FeatureMap",
+    "TaylorFeatureMap",
+    "get_feature_map",
+]
+
+
+class FeatureMap(nn.Module):
+    """Base class: maps [..., D] to r features [..., r]."""
+
+    r: int
+
+    def __init__(self, head_dim: int, r: int, scale: float | None = None) -> None:
+        super().__init__()
+        if head_dim <= 0:
+            raise ValueError(f"head_dim must be positive, got {head_dim}")
+        if r <= 0:
+            raise ValueError(f"feature dimension r must be positive, got r={r}")
+        self.head_dim = head_dim
+        self.r = r
+        self.scale = float(scale) if scale is not None else 1.0 / math.sqrt(head_dim)
+
+    def log_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (phi(x) * e^{-offset}, offset) with offset [..., 1]. Default: offset 0."""
+        features = self(x)
+        return features, torch.zeros_like(features[..., :1])
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.head_dim}, r={self.r}, scale={self.scale:.4g}"
+
+
+class EluFeatureMap(FeatureMap):
+    """phi(x) = ELU(x * sqrt(scale)) + 1 (the paper's map; r = head_dim)."""
+
+    def __init__(self, head_dim: int, r: int | None = None, scale: float | None = None) -> None:
+        if r is not None and r != head_dim:
+            raise ValueError(f"feature_map 'elu' has r = head_dim = {head_dim}, got r={r}")
+        super().__init__(head_dim, head_dim, scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.elu(x * math.sqrt(self.scale)) + 1.0
+
+
+class FavorFeatureMap(FeatureMap):
+    """Positive random features: phi(x) = exp(W x sqrt(s) - s|x|^2/2) / sqrt(r).
+
+    W [r, D] is drawn once from ``seed`` (orthogonal Gaussian blocks with chi-distributed row
+    norms, as in FAVOR+), stored as a buffer, so the same seed always gives the same map.
+    """
+
+    def __init__(
+        self, head_dim: int, r: int | None = None, scale: float | None = None, seed: int = 0
+    ) -> None:
+        r = head_dim if r is None else r
+        super().__init__(head_dim, r, scale)
+        self.seed = seed
+        self.register_buffer("projection", _orthogonal_gaussian(r, head_dim, seed))
+
+    def _log_phi(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(torch.promote_types(x.dtype, torch.float32))
+        root = math.sqrt(self.scale)
+        projected = (x * root) @ self.projection.to(x.dtype).T  # [..., r]
+        return projected - 0.5 * self.scale * x.pow(2).sum(-1, keepdim=True) - 0.5 * math.log(
+            self.r
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._log_phi(x).exp()
+
+    def log_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        log_phi = self._log_phi(x)
+        offset = log_phi.amax(-1, keepdim=True).detach()
+        return (log_phi - offset).exp(), offset
+
+
+class TaylorFeatureMap(FeatureMap):
+    """phi(x) = [1, sqrt(s) x, s vec(x x^T) / sqrt(2)]; r = 1 + D + D^2."""
+
+    def __init__(self, head_dim: int, r: int | None = None, scale: float | None = None) -> None:
+        full = 1 + head_dim + head_dim * head_dim
+        if r is not None and r != full:
+            raise ValueError(
+                f"feature_map 'taylor' has r = 1 + D + D^2 = {full} for head_dim={head_dim}, "
+                f"got r={r}"
+            )
+        super().__init__(head_dim, full, scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        root = math.sqrt(self.scale)
+        first = x * root
+        second = (first.unsqueeze(-1) * first.unsqueeze(-2)).flatten(-2) / math.sqrt(2.0)
+        return torch.cat([torch.ones_like(x[..., :1]), first, second], dim=-1)
+
+
+class CallableFeatureMap(FeatureMap):
+    """Wraps any callable [..., D] -> [..., r] with non-negative output."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], head_dim: int, r: int) -> None:
+        super().__init__(head_dim, r)
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
+FEATURE_MAPS: dict[str, type[FeatureMap]] = {
+    "elu": EluFeatureMap,
+    "favor": FavorFeatureMap,
+    "taylor": TaylorFeatureMap,
+}
+
+
+def get_feature_map(
+    feature_map: str | FeatureMap | Callable[[torch.Tensor], torch.Tensor],
+    head_dim: int,
+    r: int | None = None,
+    scale: float | None = None,
+    seed: int = 0,
+) -> FeatureMap:
+    """Build (or pass through) a feature map for queries/keys of size ``head_dim``.
+
+    ``feature_map`` is a registry name, a :class:`FeatureMap` (returned as is), or a callable
+    with non-negative output of size ``r`` (``r`` required then).
+    """
+    if r is not None and r <= 0:
+        raise ValueError(f"feature dimension r must be positive, got r={r}")
+    if isinstance(feature_map, FeatureMap):
+        if feature_map.head_dim != head_dim:
+            raise ValueError(
+                f"feature_map was built for head_dim={feature_map.head_dim}, "
+                f"but the queries have head_dim={head_dim}"
+            )
+        if r is not None and feature_map.r != r:
+            raise ValueError(f"feature_map has r={feature_map.r}, but the state has r={r}")
+        return feature_map
+    if isinstance(feature_map, str):
+        if feature_map not in FEATURE_MAPS:
+            raise ValueError(
+                f"unknown feature_map {feature_map!r}; expected one of {sorted(FEATURE_MAPS)} "
+                "or a callable"
+            )
+        cls = FEATURE_MAPS[feature_map]
+        kwargs = {"seed": seed} if cls is FavorFeatureMap else {}
+        return cls(head_dim, r=r, scale=scale, **kwargs)
+    if callable(feature_map):
+        if r is None:
+            raise ValueError("a callable feature_map needs the feature dimension r")
+        return CallableFeatureMap(feature_map, head_dim, r)
+    raise ValueError(
+        f"feature_map must be a name in {sorted(FEATURE_MAPS)}, a FeatureMap or a callable, "
+        f"got {type(feature_map).__name__}"
+    )
+
+
+def _orthogonal_gaussian(rows: int, dim: int, seed: int) -> torch.Tensor:
+    """[rows, dim] Gaussian matrix whose blocks of ``dim`` rows are orthogonal (FAVOR+)."""
+    generator = torch.Generator().manual_seed(seed)
+    blocks = []
+    for start in range(0, rows, dim):
+        gaussian = torch.randn(dim, dim, generator=generator, dtype=torch.float64)
+        q, upper = torch.linalg.qr(gaussian)
+        q = q * torch.sign(torch.diagonal(upper))  # Haar-uniform: undo QR's sign convention
+        blocks.append(q.T[: min(dim, rows - start)])
+    norms = torch.randn(rows, dim, generator=generator, dtype=torch.float64).norm(dim=-1)
+    return (torch.cat(blocks) * norms.unsqueeze(-1)).float()

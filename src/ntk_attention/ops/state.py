@@ -1,0 +1,142 @@
+"""The NTK-Attention state (Z, kappa): its query-side terms, kappa's parameterisation, and the
+closed-form state of a finite prefix.
+
+Both the naive and the fused path evaluate the state through :func:`state_terms`, so the only
+thing they differ in is how the exact softmax part is computed and merged.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .feature_maps import FeatureMap, get_feature_map
+
+__all__ = ["MASS_FLOOR", "StateTerms", "nonnegative", "prefix_to_state", "state_terms"]
+
+# Smallest phi(q)^T kappa (in the offset's units) that the fused path feeds to log(): keeps the
+# log finite and the state's softmax weight representable in fp32/bf16, while being negligible
+# next to any real key's weight.
+MASS_FLOOR = 1e-12
+
+State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
+
+class StateTerms:
+    """phi(q)^T kappa and phi(q)^T Z for every query, in a shared log scale.
+
+    The true terms are ``a = e^{log_offset} * mass`` and ``b = e^{log_offset} * numer``:
+      log_offset [B, Hq, Lq]     (the feature map's offset plus the state's own log scale)
+      mass       [B, Hq, Lq]     phi(q)^T kappa without the offset (>= 0 for valid states)
+      numer      [B, Hq, Lq, D]  phi(q)^T Z without the offset
+    All three are kept in float32 (float64 for float64 inputs).
+    """
+
+    __slots__ = ("log_offset", "mass", "numer")
+
+    def __init__(self, log_offset: torch.Tensor, mass: torch.Tensor, numer: torch.Tensor):
+        self.log_offset = log_offset
+        self.mass = mass
+        self.numer = numer
+
+
+def state_terms(
+    q: torch.Tensor,
+    z: State,
+    kappa: torch.Tensor,
+    feature_map: FeatureMap,
+    state_log_scale: torch.Tensor | None = None,
+) -> StateTerms:
+    """Evaluate phi(q)^T kappa and phi(q)^T Z (Z dense or Z = Z_A Z_B) for q [B, Hq, Lq, D].
+
+    Query heads are grouped by KV head (head h uses KV head h // G, G = Hq / Hkv, the
+    convention of ``repeat_kv`` in transformers), so the feature map sees [B, Hkv, G*Lq, D].
+    kappa is [Hkv, r] or per row [B, Hkv, r]; Z likewise with a trailing D.
+    """
+    batch, q_heads, q_len, head_dim = q.shape
+    kv_heads = kappa.shape[-2]
+    groups = q_heads // kv_heads
+    compute_dtype = torch.promote_types(q.dtype, torch.float32)
+    grouped = q.reshape(batch, kv_heads, groups * q_len, head_dim)
+    features, offset = feature_map.log_forward(grouped)  # [B, Hkv, N, r], [B, Hkv, N, 1]
+    features = features.to(compute_dtype)
+    offset = offset.to(compute_dtype).squeeze(-1)
+
+    kappa = kappa.to(compute_dtype)
+    batched = "bh" if kappa.dim() == 3 else "h"
+    mass = torch.einsum(f"bhnr,{batched}r->bhn", features, kappa)
+    if isinstance(z, tuple):
+        z_a, z_b = (t.to(compute_dtype) for t in z)
+        low = torch.einsum(f"bhnr,{batched}rs->bhns", features, z_a)
+        numer = torch.einsum(f"bhns,{batched}sd->bhnd", low, z_b)
+    else:
+        numer = torch.einsum(f"bhnr,{batched}rd->bhnd", features, z.to(compute_dtype))
+    if state_log_scale is not None:
+        scale = state_log_scale.to(compute_dtype)
+        offset = offset + (scale.unsqueeze(-1) if scale.dim() >= 1 else scale)
+
+    value_dim = numer.shape[-1]
+    return StateTerms(
+        log_offset=offset.reshape(batch, q_heads, q_len),
+        mass=mass.reshape(batch, q_heads, q_len),
+        numer=numer.reshape(batch, q_heads, q_len, value_dim),
+    )
+
+
+class _NonNegative(torch.autograd.Function):
+    """clamp(theta, min=0) with a projected-gradient backward (see :func:`nonnegative`)."""
+
+    @staticmethod
+    def forward(ctx, theta: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(theta)
+        return theta.clamp_min(0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (theta,) = ctx.saved_tensors
+        return grad * ((theta > 0) | (grad < 0)).to(grad.dtype)
+
+
+def nonnegative(theta: torch.Tensor) -> torch.Tensor:
+    """kappa = max(theta, 0), trainable from theta = 0.
+
+    Forward: clamp(theta, min=0). Backward: the gradient passes where theta > 0, and where
+    theta <= 0 only if it points to a larger kappa (gradient < 0, so a descent step raises
+    theta). This is projected gradient descent on kappa >= 0: kappa initialised at 0 still
+    trains, unlike abs(theta), whose gradient at 0 is 0, or relu, which is dead below 0.
+    """
+    return _NonNegative.apply(theta)
+
+
+def prefix_to_state(
+    prefix_k: torch.Tensor,
+    prefix_v: torch.Tensor,
+    feature_map: str | FeatureMap,
+    *,
+    scale: float | None = None,
+    r: int | None = None,
+    chunk_size: int = 4096,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Closed-form state of a prefix: Z = sum_i phi(pK_i) pV_i^T, kappa = sum_i phi(pK_i).
+
+    prefix_k, prefix_v: [Hkv, m, D]. Returns Z [Hkv, r, D] and kappa [Hkv, r]. Exact when
+    phi(x)^T phi(y) = e^{s x.y}; approximate for ``favor`` / ``taylor`` (an initialisation, not
+    a conversion, for real models: see DESIGN.md section 7). The prefix is streamed in chunks of
+    ``chunk_size`` so long prefixes fit in memory; features are summed in float64.
+    """
+    if prefix_k.dim() != 3 or prefix_v.dim() != 3 or prefix_k.shape != prefix_v.shape:
+        raise ValueError(
+            "prefix_k and prefix_v must both be [Hkv, m, D] of the same shape, got "
+            f"{tuple(prefix_k.shape)} and {tuple(prefix_v.shape)}"
+        )
+    head_dim = prefix_k.shape[-1]
+    phi = get_feature_map(feature_map, head_dim, r=r, scale=scale)
+    z = torch.zeros(prefix_k.shape[0], phi.r, head_dim, dtype=torch.float64)
+    kappa = torch.zeros(prefix_k.shape[0], phi.r, dtype=torch.float64)
+    for start in range(0, prefix_k.shape[1], chunk_size):
+        keys = prefix_k[:, start : start + chunk_size]
+        values = prefix_v[:, start : start + chunk_size].double()
+        features = phi(keys).double()  # [Hkv, chunk, r]
+        z += torch.einsum("hmr,hmd->hrd", features, values)
+        kappa += features.sum(1)
+    dtype = prefix_k.dtype if prefix_k.is_floating_point() else torch.float32
+    return z.to(dtype), kappa.to(dtype)
