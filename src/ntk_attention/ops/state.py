@@ -13,10 +13,14 @@ from .feature_maps import FeatureMap, get_feature_map
 
 __all__ = ["MASS_FLOOR", "StateTerms", "nonnegative", "prefix_to_state", "state_terms"]
 
-# Smallest phi(q)^T kappa (in the offset's units) that the fused path feeds to log(): keeps the
-# log finite and the state's softmax weight representable in fp32/bf16, while being negligible
-# next to any real key's weight.
-MASS_FLOOR = 1e-12
+# Floor of phi(q)^T kappa (in the offset's units) in the fused path, so log() is finite and
+# Z keeps its gradient at kappa = 0 (the adapter's initial state). It trades two errors:
+# it adds 1e-20 to the row's exact mass sum_j e^{l_j} (relative error < 1e-4 unless every
+# logit of the row is below -37), and the state's softmax weight ~1e-20 / e^{max_j l_j}
+# must stay a normal float32/bfloat16 number for its gradient to exist at kappa = 0 (max
+# logit < ~40; rows with larger logits have gradients below e^-40 anyway). In float16 that
+# weight underflows: a state at kappa = 0 gets no gradient there (use bf16 or fp32).
+MASS_FLOOR = 1e-20
 
 State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 

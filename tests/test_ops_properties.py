@@ -1,0 +1,97 @@
+"""Property tests of the ops (hypothesis): over random shapes, GQA groupings, masks, causal
+layouts, state forms and dtypes, both paths of ``ntk_attention`` equal the float64 reference
+and never produce NaN."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ntk_attention.ops import get_feature_map, ntk_attention
+from ntk_attention.testing import assert_close, reference_ntk_attention
+
+TOLERANCE = {torch.float64: (1e-9, 1e-9), torch.float32: (2e-4, 2e-5)}
+
+
+@st.composite
+def attention_inputs(draw):
+    batch = draw(st.integers(1, 2))
+    kv_heads = draw(st.integers(1, 2))
+    groups = draw(st.integers(1, 3))
+    q_len = draw(st.integers(1, 6))
+    k_len = draw(st.integers(1, 6))
+    head_dim = draw(st.sampled_from([4, 8]))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    is_causal = draw(st.booleans())
+    mask_kind = draw(st.sampled_from(["none", "bool", "float"]))
+    feature_name = draw(st.sampled_from(["elu", "favor"]))
+    low_rank = draw(st.booleans())
+    per_row = draw(st.booleans())
+    logit_scale = draw(st.sampled_from([0.5, 3.0, 30.0]))
+    seed = draw(st.integers(0, 2**16))
+
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, std=1.0):
+        return (torch.randn(*shape, generator=generator, dtype=torch.float64) * std).to(dtype)
+
+    q = randn(batch, kv_heads * groups, q_len, head_dim, std=logit_scale)
+    k = randn(batch, kv_heads, k_len, head_dim)
+    v = randn(batch, kv_heads, k_len, head_dim)
+    r = head_dim if feature_name == "elu" else 16
+    lead = (batch, kv_heads) if per_row else (kv_heads,)
+    kappa = randn(*lead, r).abs()
+    if low_rank:
+        z = (randn(*lead, r, 3), randn(*lead, 3, head_dim))
+    else:
+        z = randn(*lead, r, head_dim)
+    # Some states are empty: the adapter's initial state (Z = 0, kappa = 0).
+    if draw(st.booleans()):
+        kappa = kappa * 0
+        z = tuple(t * 0 for t in z) if low_rank else z * 0
+
+    attn_mask = None
+    if mask_kind != "none":
+        visible = torch.rand(batch, 1, q_len, k_len, generator=generator) > 0.4
+        if mask_kind == "bool":
+            attn_mask = visible
+        else:
+            attn_mask = torch.zeros(visible.shape, dtype=dtype).masked_fill(~visible, float("-inf"))
+            attn_mask = attn_mask + randn(*visible.shape, std=0.5)
+    feature_map = get_feature_map(feature_name, head_dim, r=r, seed=seed)
+    return dict(
+        q=q, k=k, v=v, z=z, kappa=kappa, feature_map=feature_map,
+        attn_mask=attn_mask, is_causal=is_causal,
+    )
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(inputs=attention_inputs(), implementation=st.sampled_from(["fused", "naive"]))
+def test_matches_float64_reference(inputs, implementation):
+    dtype = inputs["q"].dtype
+    out = ntk_attention(**inputs, implementation=implementation)
+    assert out.dtype == dtype
+    assert torch.isfinite(out).all(), "NaN or inf in the output"
+    reference = reference_ntk_attention(**inputs)
+    rtol, atol = TOLERANCE[dtype]
+    assert_close(out.double(), reference, rtol=rtol, atol=atol, msg=implementation)
+
+
+@settings(max_examples=30, deadline=None)
+@given(inputs=attention_inputs())
+def test_gradients_are_finite_and_paths_agree(inputs):
+    if inputs["q"].dtype != torch.float64:
+        return
+    leaves = {name: inputs[name].clone().requires_grad_() for name in ("q", "k", "v", "kappa")}
+    grads = {}
+    for implementation in ("fused", "naive"):
+        for leaf in leaves.values():
+            leaf.grad = None
+        out = ntk_attention(**{**inputs, **leaves}, implementation=implementation)
+        out.square().sum().backward()
+        grads[implementation] = {name: leaf.grad.clone() for name, leaf in leaves.items()}
+        for name, grad in grads[implementation].items():
+            assert torch.isfinite(grad).all(), f"non-finite gradient of {name} ({implementation})"
+    for name in leaves:
+        assert_close(grads["fused"][name], grads["naive"][name], rtol=1e-6, atol=1e-8, msg=name)
