@@ -15,6 +15,10 @@ Registry (``FEATURE_MAPS``), selected by name with :func:`get_feature_map`:
 ``favor``   positive random features (FAVOR+, Choromanski et al. 2021):
             phi(x) = exp(W x sqrt(s) - s |x|^2 / 2) / sqrt(r), W [r, D] with orthogonal
             Gaussian blocks, so E[phi(x)^T phi(y)] = e^{s x.y}. Any r.
+``exp``     learnable exponential features per KV head: phi(x) = exp(s x.W_i + b_i),
+            W [Hkv, r, D], b [Hkv, r] trainable. With these the state *is* r trained virtual
+            tokens: kappa_i = 1, b_i = 0, W_i = a prefix key and Z_i = its value reproduce
+            prefix attention exactly. Evaluated in log space (never overflows).
 ``taylor``  second-order Taylor features of e^{s x.y}:
             phi(x) = [1, sqrt(s) x, s vec(x x^T) / sqrt(2)], r = 1 + D + D^2, so
             phi(x)^T phi(y) = 1 + s x.y + (s x.y)^2 / 2 > 0. Individual features can be negative;
@@ -37,6 +41,7 @@ __all__ = [
     "FEATURE_MAPS",
     "CallableFeatureMap",
     "EluFeatureMap",
+    "ExpFeatureMap",
     "FavorFeatureMap",
     "FeatureMap",
     "TaylorFeatureMap",
@@ -112,6 +117,52 @@ class FavorFeatureMap(FeatureMap):
         return (log_phi - offset).exp(), offset
 
 
+class ExpFeatureMap(FeatureMap):
+    """Learnable exponential features per KV head: phi(x)_i = exp(s x.W_i + b_i).
+
+    ``weight`` [Hkv, r, D] and ``bias`` [Hkv, r] are parameters; queries arrive as
+    [B, Hkv, N, D]. The state (Z, kappa) with these features equals attention over r virtual
+    keys W_i with values Z_i / kappa_i and log-weights log kappa_i + b_i: a trained KV prefix.
+    ``log_forward`` subtracts the per-query max of the exponent, so nothing overflows.
+    """
+
+    def __init__(
+        self,
+        head_dim: int,
+        r: int | None = None,
+        scale: float | None = None,
+        kv_heads: int = 1,
+        seed: int = 0,
+    ) -> None:
+        if r is None:
+            raise ValueError("feature_map 'exp' needs the number of features r")
+        super().__init__(head_dim, r, scale)
+        if kv_heads <= 0:
+            raise ValueError(f"kv_heads must be positive, got {kv_heads}")
+        generator = torch.Generator().manual_seed(seed)
+        self.weight = nn.Parameter(torch.randn(kv_heads, r, head_dim, generator=generator))
+        self.bias = nn.Parameter(torch.zeros(kv_heads, r))
+
+    def _exponent(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 3 or x.shape[-3] != self.weight.shape[0]:
+            raise ValueError(
+                f"feature_map 'exp' has {self.weight.shape[0]} KV heads; it expects inputs "
+                f"[..., Hkv, N, D], got {tuple(x.shape)}"
+            )
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        weight, bias = self.weight.to(dtype), self.bias.to(dtype)
+        # [..., Hkv, N, D] x [Hkv, r, D] -> [..., Hkv, N, r]
+        return self.scale * (x.to(dtype) @ weight.transpose(-1, -2)) + bias.unsqueeze(-2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._exponent(x).exp()
+
+    def log_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        exponent = self._exponent(x)
+        offset = exponent.amax(-1, keepdim=True).detach()
+        return (exponent - offset).exp(), offset
+
+
 class TaylorFeatureMap(FeatureMap):
     """phi(x) = [1, sqrt(s) x, s vec(x x^T) / sqrt(2)]; r = 1 + D + D^2."""
 
@@ -144,6 +195,7 @@ class CallableFeatureMap(FeatureMap):
 
 FEATURE_MAPS: dict[str, type[FeatureMap]] = {
     "elu": EluFeatureMap,
+    "exp": ExpFeatureMap,
     "favor": FavorFeatureMap,
     "taylor": TaylorFeatureMap,
 }
@@ -155,11 +207,13 @@ def get_feature_map(
     r: int | None = None,
     scale: float | None = None,
     seed: int = 0,
+    kv_heads: int = 1,
 ) -> FeatureMap:
     """Build (or pass through) a feature map for queries/keys of size ``head_dim``.
 
     ``feature_map`` is a registry name, a :class:`FeatureMap` (returned as is), or a callable
-    with non-negative output of size ``r`` (``r`` required then).
+    with non-negative output of size ``r`` (``r`` required then). ``kv_heads`` sizes maps
+    with per-head parameters (``exp``); ``seed`` fixes random ones (``favor``, ``exp``).
     """
     if r is not None and r <= 0:
         raise ValueError(f"feature dimension r must be positive, got r={r}")
@@ -179,7 +233,11 @@ def get_feature_map(
                 "or a callable"
             )
         cls = FEATURE_MAPS[feature_map]
-        kwargs = {"seed": seed} if cls is FavorFeatureMap else {}
+        kwargs = {}
+        if cls in (FavorFeatureMap, ExpFeatureMap):
+            kwargs["seed"] = seed
+        if cls is ExpFeatureMap:
+            kwargs["kv_heads"] = kv_heads
         return cls(head_dim, r=r, scale=scale, **kwargs)
     if callable(feature_map):
         if r is None:

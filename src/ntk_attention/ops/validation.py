@@ -10,6 +10,9 @@ import torch
 
 from .feature_maps import FeatureMap, get_feature_map
 
+# Named maps with parameters: a name alone cannot say what their values are.
+TRAINABLE_MAPS = frozenset({"exp"})
+
 __all__ = ["check_qkv", "check_mask", "check_state", "resolve_feature_map"]
 
 
@@ -120,6 +123,12 @@ def resolve_feature_map(
 ) -> FeatureMap:
     """A FeatureMap for this call, built once per (name, shape, scale, device) for names."""
     if isinstance(feature_map, str):
+        if feature_map in TRAINABLE_MAPS:
+            raise ValueError(
+                f"feature_map {feature_map!r} has trainable parameters: build it with "
+                f"get_feature_map({feature_map!r}, head_dim, r=..., kv_heads=...) and pass the "
+                "module"
+            )
         return _cached_named_map(feature_map, head_dim, r, scale, device)
     return get_feature_map(feature_map, head_dim, r=r, scale=scale)
 
