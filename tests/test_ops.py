@@ -253,10 +253,7 @@ def test_zero_state_is_plain_sdpa(path, mask, is_causal, q_heads):
 @pytest.mark.parametrize(
     "path",
     [
-        pytest.param("fused", marks=pytest.mark.xfail(strict=True, reason=(
-            "BUG: the fused path floors phi(q)^T kappa at MASS_FLOOR, an absolute weight: "
-            "at kappa = 0 the extra key (logit log 1e-20 = -46) takes the mass of rows whose "
-            "logits are all below ~-40"))),
+        "fused",
         "naive",
     ],
 )
@@ -327,9 +324,7 @@ def test_fully_masked_rows_return_the_state_term(path, mask_kind):
 @pytest.mark.parametrize(
     "path",
     [
-        pytest.param("fused", marks=pytest.mark.xfail(strict=True, reason=(
-            "BUG: with MASS_FLOOR = 1e-20, d(numer / (mass + floor))/d mass ~ 1e40 overflows "
-            "float32; inf * 0 from the masked_fill gives NaN gradients for q and kappa"))),
+        "fused",
         "naive",
     ],
 )
@@ -469,9 +464,7 @@ class ShapeRecorder(TorchDispatchMode):
 @pytest.mark.parametrize(
     "setting",
     [
-        pytest.param("causal", marks=pytest.mark.xfail(strict=True, reason=(
-            "BUG: fused_attention calls combined_mask() (an [Lq, Lk] bool causal mask) before "
-            "choosing the dummy-query layout, which then discards it"))),
+        "causal",
         "bidirectional",
         "padding_mask",
     ],
@@ -599,16 +592,7 @@ BAD_INPUTS = {
 }
 
 
-CALLABLE_R_BUG = pytest.mark.xfail(strict=True, reason=(
-    "BUG: a callable's output size is not checked against the state's r; einsum raises a "
-    "RuntimeError"))
-
-
-@pytest.mark.parametrize(
-    "name",
-    [pytest.param(name, marks=CALLABLE_R_BUG) if name == "callable output r != state r"
-     else name for name in BAD_INPUTS],
-)
+@pytest.mark.parametrize("name", list(BAD_INPUTS))
 def test_bad_input_raises_value_error_naming_the_argument(name):
     make, match = BAD_INPUTS[name]
     with pytest.raises(ValueError, match=match):

@@ -33,14 +33,25 @@ def fused_attention(
 ) -> torch.Tensor:
     """NTK-Attention by augmenting SDPA with one key that carries the state's mass.
 
-    With a = phi(q)^T kappa (floored at 1e-12 so its log is finite) and u = phi(q)^T Z / a:
+    With a = e^{o} mass (o the state's log offset) and b = e^{o} numer from ``terms``, pick a
+    stabiliser lambda = o + log(mass + 1e-20) (any finite value would do) and run
 
-        q' = [q, log(a) / s]    k' = [[0..0, 1], [k, 0]]    v' = [[0..0, 1], [v, 0]]
+        q' = [q, lambda / s]      k' = [[0..0, 1], [k, 0]]      v' = [[0..0, 1, 0], [v, 0, 1]]
 
-    The extra key's logit is s * q'.e = log a, so SDPA returns
-        o = sum_j e^{l_j} v_j / (sum_j e^{l_j} + a)   and   w = a / (sum_j e^{l_j} + a)
-    in the first Dv columns and column Dv, and out = o + w * u. SDPA's own max subtraction
-    includes log a, which makes the merge stable for any logit range.
+    The extra key's logit is s q'.k'_0 = lambda, so SDPA returns, with S = sum_j e^{l_j}
+    and E = sum_j e^{l_j} v_j,
+        o = E / (S + e^lambda),   w = e^lambda / (S + e^lambda),   t = S / (S + e^lambda)
+    in columns [:Dv], Dv and Dv + 1. With c = w e^{-lambda} = 1 / (S + e^lambda):
+
+        out = (o + c b) / (t + c a) = (E + b) / (S + a)
+
+    exactly, whatever lambda is: the mass the extra key takes is given back by t, which SDPA
+    computes directly (no 1 - w cancellation). So lambda carries no gradient, a zero state
+    takes no mass even when every logit is tiny, and Z still gets its gradient at kappa = 0
+    (through c, as long as w is a normal float: max logit below ~40 in fp32/bf16). SDPA's
+    own max subtraction includes lambda, so any logit range is stable. A row that sees no
+    key gets b / a, or zeros when a = 0. With dropout, t would count dropped keys, so the
+    state is merged as one more key instead: out = o + c b (dropout semantics of SDPA).
 
     The extra key sits first, so it is visible under every causal layout. When Lq = Lk and
     no mask is given, a dummy query is put first too: then plain ``is_causal=True`` on
@@ -53,48 +64,45 @@ def fused_attention(
     kv_heads, k_len, value_dim = k.shape[1], k.shape[2], v.shape[-1]
     dtype = q.dtype
 
-    mass = terms.mass.clamp_min(0) + MASS_FLOOR  # [B, Hq, Lq]
-    log_mass = terms.log_offset + mass.log()
-    state_value = terms.numer / mass.unsqueeze(-1)  # u, [B, Hq, Lq, Dv]
+    mass = terms.mass.clamp_min(0)  # [B, Hq, Lq]; a negative phi^T kappa counts as none
+    floored = (mass + MASS_FLOOR).detach()
+    stabiliser = terms.log_offset.detach() + floored.log()  # lambda, [B, Hq, Lq]
 
     # Head dims padded to a multiple of 8: CUDA's flash kernels need it, and the CPU kernel
     # measured as fast at 72 as at 64 but ~7% slower at 65 (benchmarks/attention_speed.py).
     if q.is_cuda:
-        qk_dim = v_dim = _round_up(max(head_dim, value_dim) + 1, 8)
+        qk_dim = v_dim = _round_up(max(head_dim, value_dim) + 2, 8)
     else:
-        qk_dim, v_dim = _round_up(head_dim + 1, 8), _round_up(value_dim + 1, 8)
+        qk_dim, v_dim = _round_up(head_dim + 1, 8), _round_up(value_dim + 2, 8)
 
-    mask = combined_mask(attn_mask, is_causal, q_len, k_len, q.device)
     dummy_query = is_causal and attn_mask is None and q_len == k_len
-    if dummy_query or (is_causal and attn_mask is None and q_len == 1):
-        mask = None  # bottom-right causal with one query sees every key
+    sees_every_key = is_causal and attn_mask is None and q_len == 1
+    mask = None
+    if not (dummy_query or sees_every_key):
+        mask = combined_mask(attn_mask, is_causal, q_len, k_len, q.device)
     if mask is not None:
         visible = 1.0 if mask.dtype == torch.bool else 0.0
         mask = F.pad(mask, (1, 0), value=visible)
         if mask.dtype != torch.bool:
             mask = mask.to(dtype)
 
-    q_aug = _AugmentQueries.apply(q, (log_mass / scale).to(dtype), qk_dim, int(dummy_query))
+    q_aug = _AugmentQueries.apply(q, (stabiliser / scale).to(dtype), qk_dim, int(dummy_query))
     out_aug = F.scaled_dot_product_attention(
         q_aug,
-        _AugmentKeys.apply(k, qk_dim),
-        _AugmentKeys.apply(v, v_dim),
+        _AugmentKeys.apply(k, qk_dim, False),
+        _AugmentKeys.apply(v, v_dim, True),
         attn_mask=mask,
         is_causal=dummy_query,
         scale=scale,
         dropout_p=dropout_p,
         enable_gqa=q_heads != kv_heads,
     )
-    out = _MergeState.apply(out_aug, state_value, int(dummy_query), value_dim)
-
-    if mask is not None:
-        # A row that sees no key returns u; with no state mass either, it returns zeros.
-        key_mask = mask[..., 1:]
-        sees_key = key_mask.any(-1) if key_mask.dtype == torch.bool else (
-            key_mask > float("-inf")
-        ).any(-1)
-        empty = ~sees_key & (terms.mass <= 0)
-        out = out.masked_fill(empty.unsqueeze(-1), 0.0)
+    # e^{o - lambda} = 1 / (mass + floor), differentiable in the offset o (a trained
+    # state_log_scale): c' = w e^{o - lambda} multiplies numer and mass directly.
+    inverse = (terms.log_offset - stabiliser).exp()
+    out = _MergeState.apply(
+        out_aug, terms.numer, mass, inverse, int(dummy_query), value_dim, dropout_p == 0.0
+    )
     return out.to(dtype)
 
 
@@ -123,50 +131,76 @@ class _AugmentQueries(torch.autograd.Function):
 
 
 class _AugmentKeys(torch.autograd.Function):
-    """[[0..0, 1, 0..], [x, 0, 0..]]: one extra row e_D in front, zero columns after D."""
+    """Keys [[0..0, 1, 0..], [k, 0, 0..]] or, with ``ones_column``, values
+    [[0..0, 1, 0, 0..], [v, 0, 1, 0..]]: one extra row in front, zero padding after D."""
 
     @staticmethod
-    def forward(ctx, x, width):
+    def forward(ctx, x, width, ones_column):
         batch, heads, length, head_dim = x.shape
         out = x.new_empty(batch, heads, length + 1, width)
         out[:, :, 1:, :head_dim].copy_(x)
         out[:, :, 1:, head_dim:].zero_()
         out[:, :, 0].zero_()
         out[:, :, 0, head_dim] = 1.0
+        if ones_column:
+            out[:, :, 1:, head_dim + 1] = 1.0
         ctx.head_dim = head_dim
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        return grad[:, :, 1:, : ctx.head_dim], None
+        return grad[:, :, 1:, : ctx.head_dim], None, None
 
 
 class _MergeState(torch.autograd.Function):
-    """out = o + w * u from SDPA's augmented output (o: first Dv columns, w: column Dv),
-    dropping ``dummy_row`` leading rows; the backward writes one gradient tensor in place of
-    the zero-filled slices autograd would build."""
+    """out = (o + c' numer) / (t + c' mass), c' = w * inverse, from SDPA's augmented output
+    (o: columns [:Dv], w: column Dv, t: column Dv + 1), dropping ``dummy_row`` leading rows.
+    ``inverse`` = e^{offset - lambda} (lambda carries no gradient, the offset may). Rows with
+    a zero denominator (no visible key, no state mass) are 0. Without ``renormalise``
+    (dropout) the denominator is 1. The backward writes one gradient tensor for the
+    augmented output instead of the zero-filled slices autograd would build."""
 
     @staticmethod
-    def forward(ctx, out_aug, state_value, dummy_row, value_dim):
+    def forward(ctx, out_aug, numer, mass, inverse, dummy_row, value_dim, renormalise):
+        compute = numer.dtype
         body = out_aug[:, :, dummy_row:]
-        exact = body[..., :value_dim].to(state_value.dtype)
-        weight = body[..., value_dim : value_dim + 1].to(state_value.dtype)
-        ctx.save_for_backward(weight, state_value)
-        ctx.layout = (out_aug.shape, out_aug.dtype, dummy_row, value_dim)
-        return torch.addcmul(exact, weight, state_value)
+        exact = body[..., :value_dim].to(compute)
+        raw_weight = body[..., value_dim].to(compute)  # w, [B, H, L]
+        weight = raw_weight * inverse  # c'
+        numerator = torch.addcmul(exact, weight.unsqueeze(-1), numer)
+        if renormalise:
+            denominator = torch.addcmul(body[..., value_dim + 1].to(compute), weight, mass)
+        else:
+            denominator = torch.ones_like(weight)
+        nonempty = denominator > 0
+        reciprocal = torch.where(nonempty, denominator, 1.0).reciprocal() * nonempty
+        out = numerator * reciprocal.unsqueeze(-1)
+        ctx.save_for_backward(out, numer, mass, inverse, raw_weight, weight, reciprocal)
+        ctx.layout = (out_aug.shape, out_aug.dtype, dummy_row, value_dim, renormalise)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
-        weight, state_value = ctx.saved_tensors
-        shape, dtype, dummy_row, value_dim = ctx.layout
-        grad_aug = grad_value = None
+        out, numer, mass, inverse, raw_weight, weight, reciprocal = ctx.saved_tensors
+        shape, dtype, dummy_row, value_dim, renormalise = ctx.layout
+        grad_numerator = grad * reciprocal.unsqueeze(-1)  # dL/d(o + c' numer)
+        grad_denominator = -torch.linalg.vecdot(grad, out) * reciprocal  # dL/d(t + c' mass)
+        if not renormalise:
+            grad_denominator = torch.zeros_like(grad_denominator)
+        grad_weight = torch.linalg.vecdot(grad_numerator, numer) + grad_denominator * mass
+        grad_aug = grad_numer = grad_mass = grad_inverse = None
         if ctx.needs_input_grad[0]:
             grad_aug = grad.new_empty(shape, dtype=dtype)
             grad_aug[:, :, :dummy_row].zero_()
             body = grad_aug[:, :, dummy_row:]
-            body[..., :value_dim].copy_(grad)
-            body[..., value_dim].copy_(torch.linalg.vecdot(grad, state_value))
-            body[..., value_dim + 1 :].zero_()
+            body[..., :value_dim].copy_(grad_numerator)
+            body[..., value_dim].copy_(grad_weight * inverse)
+            body[..., value_dim + 1].copy_(grad_denominator)
+            body[..., value_dim + 2 :].zero_()
         if ctx.needs_input_grad[1]:
-            grad_value = grad * weight
-        return grad_aug, grad_value, None, None
+            grad_numer = grad_numerator * weight.unsqueeze(-1)
+        if ctx.needs_input_grad[2]:
+            grad_mass = grad_denominator * weight
+        if ctx.needs_input_grad[3]:
+            grad_inverse = grad_weight * raw_weight
+        return grad_aug, grad_numer, grad_mass, grad_inverse, None, None, None

@@ -62,6 +62,11 @@ def state_terms(
     compute_dtype = torch.promote_types(q.dtype, torch.float32)
     grouped = q.reshape(batch, kv_heads, groups * q_len, head_dim)
     features, offset = feature_map.log_forward(grouped)  # [B, Hkv, N, r], [B, Hkv, N, 1]
+    if features.shape[:-1] != grouped.shape[:-1] or features.shape[-1] != kappa.shape[-1]:
+        raise ValueError(
+            f"feature_map maps {tuple(grouped.shape)} to {tuple(features.shape)}; expected "
+            f"[..., r] with r = {kappa.shape[-1]} from kappa {tuple(kappa.shape)}"
+        )
     features = features.to(compute_dtype)
     offset = offset.to(compute_dtype).squeeze(-1)
 
