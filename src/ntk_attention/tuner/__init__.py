@@ -1,0 +1,25 @@
+"""The NTK-Attention adapter for transformers models, in PEFT's conventions: a config
+(config.py), what is attached to one attention module (layer.py), the attention function
+transformers calls (attention.py), the model wrapper (model.py) and the file format
+(save_load.py)."""
+
+from .attention import FAMILIES
+from .config import NTKConfig
+from .discovery import SUPPORTED_ARCHITECTURES, UnsupportedModelError
+from .layer import ModulesToSaveWrapper, NTKState
+from .model import NTKModel, get_ntk_model
+from .routing import BASE_ADAPTER
+from .save_load import AdapterLoadError
+
+__all__ = [
+    "BASE_ADAPTER",
+    "FAMILIES",
+    "SUPPORTED_ARCHITECTURES",
+    "AdapterLoadError",
+    "ModulesToSaveWrapper",
+    "NTKConfig",
+    "NTKModel",
+    "NTKState",
+    "UnsupportedModelError",
+    "get_ntk_model",
+]

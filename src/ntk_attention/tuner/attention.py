@@ -1,0 +1,170 @@
+"""The attention functions transformers calls once a model is adapted, registered with
+``AttentionInterface`` together with their mask functions (``AttentionMaskInterface``).
+
+Each base kernel family gets its own NTK twin, so the real tokens keep the kernel the model was
+loaded with:
+
+    base "sdpa"  -> "ntk_sdpa":  masks from ``sdpa_mask`` (bool or None), op path "fused" (SDPA)
+    base "eager" -> "ntk_eager": masks from ``eager_mask`` (additive), op path "naive" (matmuls)
+
+The mask function must be registered under the same name: transformers builds no mask at all
+for an attention name it has no mask function for, and padding and causality would silently
+vanish. A layer without a state for the current call (not targeted, adapter disabled, a base
+row) runs the base model's own function unchanged, so the base model is reproduced bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import eager_mask, sdpa_mask
+
+from ..ops import ntk_attention
+from .layer import STATE_ATTR, OpState, RowGroup
+from .routing import ADAPTER_NAMES_KWARG
+
+__all__ = ["FAMILIES", "AttentionFamily", "family_for_base", "register"]
+
+AttentionFn = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
+
+# Keyword arguments some models pass that NTK-Attention cannot honour: failing beats ignoring.
+_UNSUPPORTED_KWARGS = ("softcap", "s_aux", "sinks", "position_bias")
+
+
+def _eager_base(module: nn.Module) -> AttentionFn:
+    """The model's own eager attention (each modeling file defines one)."""
+    fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if fn is None:
+        raise RuntimeError(
+            f"{type(module).__module__} defines no eager_attention_forward; load the model with "
+            "attn_implementation='sdpa'"
+        )
+    return fn
+
+
+def _sdpa_base(module: nn.Module) -> AttentionFn:
+    return sdpa_attention_forward
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionFamily:
+    """One base kernel family and its NTK twin."""
+
+    base: str  # the model's attn_implementation before the adapter
+    name: str  # the registered NTK attention name
+    op_implementation: str  # the ops path that keeps the family's kernel
+    mask_function: Callable
+    base_function: Callable[[nn.Module], AttentionFn]
+    sdpa_causality: bool  # mask None + module.is_causal means causal (sdpa's convention)
+
+
+FAMILIES: dict[str, AttentionFamily] = {
+    "sdpa": AttentionFamily("sdpa", "ntk_sdpa", "fused", sdpa_mask, _sdpa_base, True),
+    "eager": AttentionFamily("eager", "ntk_eager", "naive", eager_mask, _eager_base, False),
+}
+_BY_NAME = {family.name: family for family in FAMILIES.values()}
+
+
+def family_for_base(attn_implementation: str | None) -> AttentionFamily:
+    """The NTK family for a model loaded with ``attn_implementation`` (clear error otherwise)."""
+    if attn_implementation in _BY_NAME:
+        raise ValueError(
+            f"the model already uses NTK attention ({attn_implementation!r}); "
+            "unload() the other adapter model first"
+        )
+    if attn_implementation not in FAMILIES:
+        raise ValueError(
+            f"NTK-Attention wraps the attention implementations {sorted(FAMILIES)}, but the "
+            f"model uses {attn_implementation!r}: load it with attn_implementation='sdpa'"
+        )
+    return FAMILIES[attn_implementation]
+
+
+def _make_attention_function(family: AttentionFamily) -> AttentionFn:
+    def attention(
+        module: nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        scaling: float | None = None,
+        dropout: float = 0.0,
+        **kwargs,
+    ) -> tuple[torch.Tensor, None]:
+        """query [B, Hq, Lq, D], key/value [B, Hkv, Lk, D] -> ([B, Lq, Hq, D], None)."""
+        row_names = kwargs.pop(ADAPTER_NAMES_KWARG, None)
+        state = module._modules.get(STATE_ATTR)
+        groups = state.plan(row_names, query.shape[0]) if state is not None else [RowGroup(None, None)]
+        if len(groups) == 1 and groups[0].state is None:
+            base = family.base_function(module)
+            return base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+        for name in _UNSUPPORTED_KWARGS:
+            if kwargs.get(name) is not None:
+                raise ValueError(
+                    f"{type(module).__name__} passes {name}=..., which NTK-Attention does not support"
+                )
+        dropout = dropout if module.training else 0.0
+        is_causal = False
+        if family.sdpa_causality:
+            # sdpa's rule: no mask and a causal module -> causal, top-left aligned. Keys past
+            # the queries are then never visible (an empty static cache): crop them, after which
+            # the op's bottom-right causality is the same mask.
+            flag = kwargs.get("is_causal")
+            causal_module = flag if flag is not None else getattr(module, "is_causal", True)
+            is_causal = bool(query.shape[2] > 1 and attention_mask is None and causal_module)
+            if is_causal and key.shape[2] > query.shape[2]:
+                key = key[:, :, : query.shape[2]]
+                value = value[:, :, : query.shape[2]]
+
+        def run(rows: torch.Tensor | None, op_state: OpState | None) -> torch.Tensor:
+            q, k, v, mask = query, key, value, attention_mask
+            if rows is not None:
+                q, k, v = q[rows], k[rows], v[rows]
+                if mask is not None and mask.shape[0] == query.shape[0] and query.shape[0] > 1:
+                    mask = mask[rows]
+            if op_state is None:
+                base = family.base_function(module)
+                out, _ = base(module, q, k, v, mask, scaling=scaling, dropout=dropout, **kwargs)
+                return out  # [b, Lq, Hq, D]
+            implementation = op_state.implementation
+            if implementation == "auto":
+                implementation = family.op_implementation
+            out = ntk_attention(
+                q, k, v, op_state.z, op_state.kappa,
+                feature_map=op_state.feature_map,
+                attn_mask=mask,
+                is_causal=is_causal,
+                scale=scaling,
+                state_log_scale=op_state.log_scale,
+                dropout_p=dropout,
+                implementation=implementation,
+            )  # [b, Hq, Lq, D]
+            return out.transpose(1, 2)
+
+        if len(groups) == 1:
+            out = run(None, groups[0].state)
+        else:
+            parts = [run(group.rows, group.state) for group in groups]
+            inverse = torch.argsort(torch.cat([group.rows for group in groups]))
+            out = torch.cat(parts)[inverse]
+        return out.contiguous(), None
+
+    attention.__name__ = attention.__qualname__ = f"{family.name}_attention_forward"
+    return attention
+
+
+def register() -> None:
+    """Register every family's attention and mask function (idempotent)."""
+    for family in FAMILIES.values():
+        AttentionInterface.register(family.name, _make_attention_function(family))
+        AttentionMaskInterface.register(family.name, family.mask_function)
+
+
+register()

@@ -1,0 +1,171 @@
+"""NTKConfig: what one NTK-Attention adapter is (feature map, state size, which layers), validated
+once at construction and never mutated afterwards (derive a changed copy with ``replace``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["INITS", "NTKConfig", "PEFT_TYPE"]
+
+# The name written into adapter_config.json, in PEFT's style.
+PEFT_TYPE = "NTK_ATTENTION"
+
+# How the state starts. "zeros": Z = 0, kappa = 0, the adapted model equals the base model
+# (low rank: Z_A random, Z_B = 0, so Z = 0 and Z_B still gets a gradient, as LoRA's B).
+# "normal": Z ~ N(0, init_std^2) and kappa = 0 (not the base model at init; for experiments).
+INITS = ("zeros", "normal")
+
+# The op paths ("auto" follows the base model: its sdpa kernel -> "fused", eager -> "naive").
+IMPLEMENTATIONS = ("auto", "fused", "naive")
+
+# Maps whose feature dimension is fixed by the head dim (r = None means "the natural r").
+_NEEDS_R = frozenset({"exp"})
+
+
+@dataclasses.dataclass(frozen=True)
+class NTKConfig:
+    """Configuration of one NTK-Attention adapter.
+
+    Every targeted attention layer gets, per KV head, a state ``Z`` [r, D] (or ``Z_A Z_B`` with
+    ``rank`` s: [r, s] x [s, D]) and ``kappa`` [r] (stored as ``theta``, kappa = max(theta, 0)
+    with a projected gradient), so each query sees, besides its real keys,
+
+        out = (sum_j e^{s q.k_j} v_j + phi(q)^T Z) / (sum_j e^{s q.k_j} + phi(q)^T kappa).
+
+    Fields:
+      feature_map      "elu" (the paper's, r = head dim), "favor" (any r), "taylor"
+                       (r = 1 + D + D^2) or "exp" (learnable exponential features, r required;
+                       the state is then r trained virtual tokens).
+      r                feature dimension; None = the map's natural size (head dim for elu and
+                       favor). Resolved per layer from the model's head dim at injection.
+      rank             None: dense Z. An int s: low-rank Z = Z_A Z_B.
+      target_layers    None: every self-attention layer. Else indices into the model's
+                       self-attention layers in module order (negative counts from the end).
+      init             one of INITS; ``init_std`` its scale.
+      position_offset  added to the position ids of every token of a row that uses this
+                       adapter (a state standing for a prefix of that many tokens: the real
+                       tokens keep the positions they had after the prefix). Decoders with rotary
+                       embeddings and models with learned position embeddings (GPT-2, BERT).
+      modules_to_save  names (or dotted-name suffixes) of modules trained and saved with the
+                       adapter as full copies, e.g. ["classifier"] or ["score"].
+      seed             draws random feature maps ("favor", "exp") and low-rank Z_A.
+      learn_log_scale  add a trainable per-KV-head log scale of the state (``ntk_log_scale``):
+                       a state whose features overflow float32 keeps its scale in log space.
+      implementation   "auto", "fused" or "naive" (see IMPLEMENTATIONS).
+    """
+
+    feature_map: str = "elu"
+    r: int | None = None
+    rank: int | None = None
+    target_layers: tuple[int, ...] | None = None
+    init: str = "zeros"
+    init_std: float = 0.02
+    position_offset: int = 0
+    modules_to_save: tuple[str, ...] | None = None
+    seed: int = 0
+    learn_log_scale: bool = False
+    implementation: str = "auto"
+
+    def __post_init__(self) -> None:
+        # Lists are accepted and frozen into tuples, so the config stays hashable and immutable.
+        for name in ("target_layers", "modules_to_save"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, tuple):
+                if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+                    raise ValueError(f"{name} must be a list of values or None, got {value!r}")
+                object.__setattr__(self, name, tuple(value))
+        self._validate()
+
+    def _validate(self) -> None:
+        from ..ops import FEATURE_MAPS  # the registry is the source of truth for names
+
+        if not isinstance(self.feature_map, str) or self.feature_map not in FEATURE_MAPS:
+            raise ValueError(
+                f"feature_map must be one of {sorted(FEATURE_MAPS)}, got {self.feature_map!r}"
+            )
+        _check_positive_int("r", self.r, optional=True)
+        _check_positive_int("rank", self.rank, optional=True)
+        if self.feature_map in _NEEDS_R and self.r is None:
+            raise ValueError(f"feature_map {self.feature_map!r} needs the feature dimension r")
+        if self.target_layers is not None:
+            if not self.target_layers:
+                raise ValueError("target_layers must be None (all layers) or a non-empty list")
+            for index in self.target_layers:
+                if isinstance(index, bool) or not isinstance(index, int):
+                    raise ValueError(f"target_layers must hold ints, got {self.target_layers!r}")
+            if len(set(self.target_layers)) != len(self.target_layers):
+                raise ValueError(f"target_layers has duplicates: {self.target_layers!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+        if not (isinstance(self.init_std, (int, float)) and math.isfinite(self.init_std)) or (
+            self.init_std < 0
+        ):
+            raise ValueError(f"init_std must be a finite number >= 0, got {self.init_std!r}")
+        if isinstance(self.position_offset, bool) or not isinstance(self.position_offset, int):
+            raise ValueError(f"position_offset must be an int, got {self.position_offset!r}")
+        if self.position_offset < 0:
+            raise ValueError(f"position_offset must be >= 0, got {self.position_offset}")
+        if self.modules_to_save is not None:
+            for name in self.modules_to_save:
+                if not isinstance(name, str) or not name or name.startswith("."):
+                    raise ValueError(
+                        f"modules_to_save must hold module names, got {self.modules_to_save!r}"
+                    )
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
+        if not isinstance(self.learn_log_scale, bool):
+            raise ValueError(f"learn_log_scale must be a bool, got {self.learn_log_scale!r}")
+        if self.implementation not in IMPLEMENTATIONS:
+            raise ValueError(
+                f"implementation must be one of {IMPLEMENTATIONS}, got {self.implementation!r}"
+            )
+
+    def resolve_r(self, head_dim: int) -> int:
+        """The feature dimension for a layer whose head dim is ``head_dim``."""
+        if self.feature_map == "taylor":
+            full = 1 + head_dim + head_dim * head_dim
+            if self.r is not None and self.r != full:
+                raise ValueError(
+                    f"feature_map 'taylor' has r = 1 + D + D^2 = {full} for head dim {head_dim}, "
+                    f"got r={self.r}"
+                )
+            return full
+        if self.feature_map == "elu" and self.r is not None and self.r != head_dim:
+            raise ValueError(
+                f"feature_map 'elu' has r = head dim = {head_dim}, got r={self.r} "
+                "(use feature_map='favor' or 'exp' for another r)"
+            )
+        return head_dim if self.r is None else self.r
+
+    def replace(self, **changes: Any) -> NTKConfig:
+        """A copy with ``changes`` applied (validated again); this config is left as it is."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (tuples become lists)."""
+        out = dataclasses.asdict(self)
+        for name in ("target_layers", "modules_to_save"):
+            if out[name] is not None:
+                out[name] = list(out[name])
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> NTKConfig:
+        """Inverse of :meth:`to_dict`. Unknown keys are an error (a typo must not be ignored)."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"an NTKConfig is read from a mapping, got {type(data).__name__}")
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown NTKConfig fields {unknown}; known fields: {sorted(known)}")
+        return cls(**dict(data))
+
+
+def _check_positive_int(name: str, value: Any, optional: bool) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int{' or None' if optional else ''}, got {value!r}")
