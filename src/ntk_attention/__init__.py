@@ -11,3 +11,15 @@ from .ops import ntk_attention, prefix_attention
 __version__ = "0.1.0"
 
 __all__ = ["__version__", "ntk_attention", "ops", "prefix_attention"]
+
+# The adapter imports transformers (~3 s), so it loads on first use of one of its names.
+_TUNER_EXPORTS = ("NTKConfig", "NTKModel", "get_ntk_model")
+__all__ += list(_TUNER_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _TUNER_EXPORTS:
+        from . import tuner
+
+        return getattr(tuner, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
