@@ -118,8 +118,10 @@ class NTKState(nn.Module):
 
     def delete_adapter(self, name: str) -> None:
         for kind in PARAMETER_KINDS:
-            getattr(self, kind).pop(name, None)
-        self.ntk_feature_map.pop(name, None)
+            if name in getattr(self, kind):
+                del getattr(self, kind)[name]
+        if name in self.ntk_feature_map:
+            del self.ntk_feature_map[name]
         self.configs.pop(name, None)
         if self.active_adapter == name:
             self.active_adapter = None
@@ -249,7 +251,8 @@ class ModulesToSaveWrapper(nn.Module):
         self.modules_to_save[name] = copy.deepcopy(self.original_module)
 
     def delete_adapter(self, name: str) -> None:
-        self.modules_to_save.pop(name, None)
+        if name in self.modules_to_save:
+            del self.modules_to_save[name]
         if self.active_adapter == name:
             self.active_adapter = None
 
