@@ -216,9 +216,15 @@ def measure_memory(config: Config) -> dict:
     return results
 
 
+def round_ratio(row: dict, top: str, bottom: str) -> float:
+    """Median over rounds of time(top) / time(bottom) measured in the same round."""
+    pairs = zip(row["times_s"][top], row["times_s"][bottom], strict=True)
+    return statistics.median(t / b for t, b in pairs)
+
+
 def ratio(rows: list[dict], length: int, mode: str, top: str, bottom: str) -> float:
     row = next(r for r in rows if r["length"] == length and r["mode"] == mode)
-    return row["median_s"][top] / row["median_s"][bottom]
+    return round_ratio(row, top, bottom)
 
 
 def markdown(config: Config, rows: list[dict], memory: dict | None) -> str:
@@ -227,7 +233,8 @@ def markdown(config: Config, rows: list[dict], memory: dict | None) -> str:
 
     lines = [
         (f"B={config.batch}, H={config.heads}, D={config.head_dim}, causal, {config.dtype} on "
-         f"{config.device}; median of {config.rounds} interleaved rounds; times in ms."),
+         f"{config.device}; times in ms, median of {config.rounds} interleaved rounds; a ratio "
+         "is the median over rounds of the two contenders' times in the same round."),
         "",
         "| L | mode | SDPA | fused | naive | fused / SDPA | naive / fused |",
         "|---|---|---|---|---|---|---|",
@@ -236,10 +243,10 @@ def markdown(config: Config, rows: list[dict], memory: dict | None) -> str:
         med = row["median_s"]
         naive = med.get("naive")
         naive_ms = ms(naive) if naive else "-"
-        naive_ratio = f"{naive / med['fused']:.2f}x" if naive else "-"
+        naive_ratio = f"{round_ratio(row, 'naive', 'fused'):.2f}x" if naive else "-"
         lines.append(
             f"| {row['length']} | {row['mode']} | {ms(med['sdpa'])} | {ms(med['fused'])} | "
-            f"{naive_ms} | {med['fused'] / med['sdpa']:.2f}x | {naive_ratio} |"
+            f"{naive_ms} | {round_ratio(row, 'fused', 'sdpa'):.2f}x | {naive_ratio} |"
         )
     if config.prefix_lengths:
         lines += ["", ("Exact prefix attention with m prefix keys, against the fused NTK state "
@@ -250,9 +257,10 @@ def markdown(config: Config, rows: list[dict], memory: dict | None) -> str:
         for row in rows:
             med = row["median_s"]
             times = [med[f"prefix{m}"] for m in config.prefix_lengths]
+            ratios = [round_ratio(row, f"prefix{m}", "fused") for m in config.prefix_lengths]
             lines.append(
                 f"| {row['length']} | {row['mode']} | " + " | ".join(ms(t) for t in times)
-                + " | " + " | ".join(f"{t / med['fused']:.2f}x" for t in times) + " |"
+                + " | " + " | ".join(f"{r:.2f}x" for r in ratios) + " |"
             )
     if memory:
         sdpa, fused = memory["sdpa"]["peak_bytes"], memory["fused"]["peak_bytes"]
