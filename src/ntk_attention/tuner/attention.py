@@ -100,7 +100,11 @@ def _make_attention_function(family: AttentionFamily) -> AttentionFn:
         """query [B, Hq, Lq, D], key/value [B, Hkv, Lk, D] -> ([B, Lq, Hq, D], None)."""
         row_names = kwargs.pop(ADAPTER_NAMES_KWARG, None)
         state = module._modules.get(STATE_ATTR)
-        groups = state.plan(row_names, query.shape[0]) if state is not None else [RowGroup(None, None)]
+        if state is None:
+            groups = [RowGroup(None, None)]
+        else:
+            with torch.autocast(query.device.type, enabled=False):  # stacked states in fp32
+                groups = state.plan(row_names, query.shape[0])
         if len(groups) == 1 and groups[0].state is None:
             base = family.base_function(module)
             return base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
@@ -136,16 +140,19 @@ def _make_attention_function(family: AttentionFamily) -> AttentionFn:
             implementation = op_state.implementation
             if implementation == "auto":
                 implementation = family.op_implementation
-            out = ntk_attention(
-                q, k, v, op_state.z, op_state.kappa,
-                feature_map=op_state.feature_map,
-                attn_mask=mask,
-                is_causal=is_causal,
-                scale=scaling,
-                state_log_scale=op_state.log_scale,
-                dropout_p=dropout,
-                implementation=implementation,
-            )  # [b, Hq, Lq, D]
+            # The op picks its own precisions (state terms in float32, the kernel in q's
+            # dtype); autocast would recast its einsums to bf16 and break its backward.
+            with torch.autocast(q.device.type, enabled=False):
+                out = ntk_attention(
+                    q, k, v, op_state.z, op_state.kappa,
+                    feature_map=op_state.feature_map,
+                    attn_mask=mask,
+                    is_causal=is_causal,
+                    scale=scaling,
+                    state_log_scale=op_state.log_scale,
+                    dropout_p=dropout,
+                    implementation=implementation,
+                )  # [b, Hq, Lq, D]
             return out.transpose(1, 2)
 
         if len(groups) == 1:

@@ -1,0 +1,119 @@
+"""Training an adapted model the ways users do: transformers.Trainer, gradient checkpointing
+(also with per-row adapter mixing, whose names must survive the recomputation), bf16 autocast,
+and torch.compile (slow: compiling takes ~a minute on 2 CPU cores)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from ntk_attention import NTKConfig, NTKModel, get_ntk_model
+from ntk_attention.testing_models import ARCHITECTURES, randomize_adapter
+
+LLAMA = ARCHITECTURES["llama"]
+BERT = ARCHITECTURES["bert"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(single_thread):
+    pass
+
+
+def _dataset(arch, rows=12, length=8):
+    import datasets
+
+    batch = arch.inputs(batch=rows, length=length, seed=3)
+    data = {k: v.tolist() for k, v in batch.items()}
+    if arch.kind == "decoder":
+        data["labels"] = data["input_ids"]
+    else:
+        data["labels"] = [i % 3 for i in range(rows)]
+    data["unused_text"] = ["x"] * rows  # a column Trainer must drop (not a forward argument)
+    return datasets.Dataset.from_dict(data)
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_trainer_trains_only_the_adapter(arch, tmp_path):
+    spec = ARCHITECTURES[arch]
+    ntk = get_ntk_model(spec.build(), NTKConfig(modules_to_save=[spec.head] if spec.head else None))
+    before = {n: p.detach().clone() for n, p in ntk.named_parameters()}
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3, learning_rate=1e-2,
+        report_to="none", save_strategy="no", use_cpu=True, logging_steps=1, disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    trainer = transformers.Trainer(model=ntk, args=args, train_dataset=_dataset(spec))
+    result = trainer.train()
+    assert result.global_step == 3 and torch.isfinite(torch.tensor(result.training_loss))
+    changed = {n for n, p in ntk.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(".ntk_" in n or ".modules_to_save." in n for n in changed)
+    ntk.save_pretrained(tmp_path / "adapter")
+    NTKModel.from_pretrained(spec.build(), tmp_path / "adapter")
+
+
+def _grads(ntk, batch, **kwargs):
+    ntk.zero_grad()
+    ntk(**batch, **kwargs).logits.pow(2).mean().backward()
+    return {n: p.grad.clone() for n, p in ntk.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("mixed", [False, True], ids=["active", "mixed"])
+def test_gradient_checkpointing_gives_the_same_gradients(mixed):
+    ntk = get_ntk_model(LLAMA.build(), NTKConfig())
+    ntk.add_adapter("other", NTKConfig())
+    randomize_adapter(ntk, "default", seed=1)
+    randomize_adapter(ntk, "other", seed=2)
+    for name, p in ntk.named_parameters():
+        p.requires_grad_(".ntk_state." in name)
+    ntk.train()
+    batch = LLAMA.inputs(batch=2, length=7, pad=2)
+    kwargs = dict(adapter_names=["other", "default"]) if mixed else {}
+    plain = _grads(ntk, batch, **kwargs)
+    ntk.activation_checkpointing_enable()
+    assert ntk.base_model.model.gradient_checkpointing
+    checkpointed = _grads(ntk, batch, **kwargs)
+    assert plain.keys() == checkpointed.keys() and len(plain) == (8 if mixed else 4)
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-7)
+
+
+def test_bf16_autocast_trains():
+    model = LLAMA.build()
+    batch = LLAMA.inputs(batch=2, length=7, pad=2)
+    with torch.no_grad():
+        expected = model(**batch).logits
+    ntk = get_ntk_model(model, NTKConfig())
+    ntk.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = ntk(**batch).logits
+    torch.testing.assert_close(logits.float(), expected, rtol=0.05, atol=0.05)
+    target = torch.randint(0, logits.shape[-1], logits.shape[:-1])
+    torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), target.flatten()).backward()
+    grads = [p.grad for p in ntk.parameters() if p.requires_grad]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    assert sum(g.abs().sum() for g in grads) > 0
+
+
+def test_a_bf16_model_runs_with_a_bf16_state():
+    ntk = get_ntk_model(LLAMA.build(), NTKConfig()).to(torch.bfloat16)
+    randomize_adapter(ntk)
+    with torch.no_grad():
+        logits = ntk(**LLAMA.inputs()).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+
+
+@pytest.mark.slow
+def test_torch_compile_matches_eager():
+    ntk = get_ntk_model(LLAMA.build(), NTKConfig())
+    randomize_adapter(ntk)
+    batch = LLAMA.inputs(batch=2, length=7)
+    with torch.no_grad():
+        expected = ntk(**batch).logits
+    compiled = torch.compile(ntk)
+    with torch.no_grad():
+        got = compiled(**batch).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    logits = compiled(**batch).logits
+    logits.pow(2).mean().backward()
+    assert all(p.grad is not None for p in ntk.parameters() if p.requires_grad)
