@@ -1,8 +1,17 @@
 """Test-wide fixtures: a fixed seed per test, and NaN-filled fresh tensors (deterministic mode
-fills ``torch.empty`` with NaN, so an output an op forgot to write cannot pass by accident)."""
+fills ``torch.empty`` with NaN, so an output an op forgot to write cannot pass by accident),
+and a derandomized hypothesis profile under CI (a red run must be reproducible; locally
+hypothesis keeps exploring new examples and stores the failures it finds)."""
+
+import os
 
 import pytest
 import torch
+from hypothesis import settings
+
+settings.register_profile("ci", derandomize=True, database=None)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 
 @pytest.fixture(autouse=True)

@@ -120,16 +120,24 @@ def _features(
     r: int,
     scale: float,
     dtype: torch.dtype,
-) -> torch.Tensor:
-    """phi(q) with queries grouped per KV head, as the ops do: [B, Hq, Lq, r]."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """phi(q) with queries grouped per KV head, as the ops do, as (features [B, Hq, Lq, r],
+    log offset [B, Hq, Lq]): phi(q) = features * e^offset."""
     batch, q_heads, q_len, head_dim = q.shape
     if isinstance(feature_map, str):
         from .ops import get_feature_map
 
         feature_map = get_feature_map(feature_map, head_dim, r=r, scale=scale).to(q.device)
     grouped = q.to(dtype).reshape(batch, kv_heads, (q_heads // kv_heads) * q_len, head_dim)
-    features = feature_map(grouped).to(dtype)  # [B, Hkv, G*Lq, r]
-    return features.reshape(batch, q_heads, q_len, -1)
+    if hasattr(feature_map, "log_forward"):
+        # phi = features * e^offset: exponential maps (favor, exp) underflow even in float64 at
+        # |q| ~ 60, where a row that sees no key still has the well-defined phi^T Z / phi^T kappa.
+        features, offset = feature_map.log_forward(grouped)
+        offset = offset.to(dtype).reshape(batch, q_heads, q_len)
+    else:
+        features = feature_map(grouped)
+        offset = torch.zeros(batch, q_heads, q_len, dtype=dtype, device=q.device)
+    return features.to(dtype).reshape(batch, q_heads, q_len, -1), offset
 
 
 def reference_ntk_attention(
@@ -165,7 +173,7 @@ def reference_ntk_attention(
 
     dense_z = z[0].to(dtype) @ z[1].to(dtype) if isinstance(z, tuple) else z.to(dtype)
     r = kappa.shape[-1]
-    features = _features(q, feature_map, kv_heads, r, scale, dtype)  # [B, Hq, Lq, r]
+    features, log_state = _features(q, feature_map, kv_heads, r, scale, dtype)
     kappa_h = _per_query_head(kappa.to(dtype), groups, -2)  # [(B,) Hq, r]
     z_h = _per_query_head(dense_z, groups, -3)  # [(B,) Hq, r, Dv]
     if kappa_h.dim() == 2:
@@ -173,7 +181,6 @@ def reference_ntk_attention(
     mass = (features * kappa_h.unsqueeze(-2)).sum(-1)  # [B, Hq, Lq]
     numer = features @ z_h  # [B, Hq, Lq, Dv]
 
-    log_state = torch.zeros(batch, q_heads, q_len, dtype=dtype, device=q.device)
     if state_log_scale is not None:
         c = torch.as_tensor(state_log_scale, dtype=dtype, device=q.device)
         if c.dim() >= 1:  # [Hkv] or [B, Hkv] -> [.., Hq, 1]

@@ -34,7 +34,6 @@ import math
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
@@ -82,7 +81,10 @@ class EluFeatureMap(FeatureMap):
         super().__init__(head_dim, head_dim, scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.elu(x * math.sqrt(self.scale)) + 1.0
+        # ELU(x) + 1 written as {x + 1, x > 0; e^x, x <= 0}: F.elu(x) + 1 computes e^x - 1 + 1
+        # and loses every digit of e^x below the dtype's epsilon (all of them in fp32 at x < -17).
+        x = x * math.sqrt(self.scale)
+        return torch.where(x > 0, x + 1.0, torch.exp(x.clamp(max=0.0)))
 
 
 class FavorFeatureMap(FeatureMap):

@@ -34,7 +34,8 @@ def fused_attention(
     """NTK-Attention by augmenting SDPA with one key that carries the state's mass.
 
     With a = e^{o} mass (o the state's log offset) and b = e^{o} numer from ``terms``, pick a
-    stabiliser lambda = o + log(mass + 1e-20) (any finite value would do) and run
+    stabiliser lambda = max(o + log(mass + 1e-20), the logit of one key the query sees) (any
+    finite value would do; this one keeps w and t from underflowing together) and run
 
         q' = [q, lambda / s]      k' = [[0..0, 1], [k, 0]]      v' = [[0..0, 1, 0], [v, 0, 1]]
 
@@ -48,7 +49,8 @@ def fused_attention(
     exactly, whatever lambda is: the mass the extra key takes is given back by t, which SDPA
     computes directly (no 1 - w cancellation). So lambda carries no gradient, a zero state
     takes no mass even when every logit is tiny, and Z still gets its gradient at kappa = 0
-    (through c, as long as w is a normal float: max logit below ~40 in fp32/bf16). SDPA's
+    through c (w >= e^{l_ref - lse} cannot underflow unless the reference key's weight
+    does, in fp16 too). SDPA's
     own max subtraction includes lambda, so any logit range is stable. A row that sees no
     key gets b / a, or zeros when a = 0. With dropout, t would count dropped keys, so the
     state is merged as one more key instead: out = o + c b (dropout semantics of SDPA).
@@ -64,9 +66,22 @@ def fused_attention(
     kv_heads, k_len, value_dim = k.shape[1], k.shape[2], v.shape[-1]
     dtype = q.dtype
 
+    dummy_query = is_causal and attn_mask is None and q_len == k_len
+    sees_every_key = is_causal and attn_mask is None and q_len == 1
+    mask = None
+    if not (dummy_query or sees_every_key):
+        mask = combined_mask(attn_mask, is_causal, q_len, k_len, q.device)
+
     mass = terms.mass.clamp_min(0)  # [B, Hq, Lq]; a negative phi^T kappa counts as none
     floored = (mass + MASS_FLOOR).detach()
-    stabiliser = terms.log_offset.detach() + floored.log()  # lambda, [B, Hq, Lq]
+    stabiliser = torch.maximum(
+        terms.log_offset.detach() + floored.log(),
+        _visible_key_logit(q, k, mask, is_causal, scale).to(floored.dtype),
+    )  # lambda, [B, Hq, Lq]
+    # SDPA sees lambda / s rounded to the input dtype; the merge must undo that same value
+    # (in bf16 the rounding is up to half a unit at |lambda / s| ~ 200: a factor e^{s/2}).
+    query_column = (stabiliser / scale).to(dtype)
+    stabiliser = query_column.to(stabiliser.dtype) * scale
 
     # Head dims padded to a multiple of 8: CUDA's flash kernels need it, and the CPU kernel
     # measured as fast at 72 as at 64 but ~7% slower at 65 (benchmarks/attention_speed.py).
@@ -74,19 +89,13 @@ def fused_attention(
         qk_dim = v_dim = _round_up(max(head_dim, value_dim) + 2, 8)
     else:
         qk_dim, v_dim = _round_up(head_dim + 1, 8), _round_up(value_dim + 2, 8)
-
-    dummy_query = is_causal and attn_mask is None and q_len == k_len
-    sees_every_key = is_causal and attn_mask is None and q_len == 1
-    mask = None
-    if not (dummy_query or sees_every_key):
-        mask = combined_mask(attn_mask, is_causal, q_len, k_len, q.device)
     if mask is not None:
         visible = 1.0 if mask.dtype == torch.bool else 0.0
         mask = F.pad(mask, (1, 0), value=visible)
         if mask.dtype != torch.bool:
             mask = mask.to(dtype)
 
-    q_aug = _AugmentQueries.apply(q, (stabiliser / scale).to(dtype), qk_dim, int(dummy_query))
+    q_aug = _AugmentQueries.apply(q, query_column, qk_dim, int(dummy_query))
     out_aug = F.scaled_dot_product_attention(
         q_aug,
         _AugmentKeys.apply(k, qk_dim, False),
@@ -104,6 +113,49 @@ def fused_attention(
         out_aug, terms.numer, mass, inverse, int(dummy_query), value_dim, dropout_p == 0.0
     )
     return out.to(dtype)
+
+
+def _visible_key_logit(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float,
+) -> torch.Tensor:
+    """s q_i.k_j (+ mask_ij) for one key j that query i sees, [B, Hq, Lq]; -inf for none.
+
+    A lower bound of the row's log-sum-exp that costs O(Lq D): the bottom-right diagonal
+    key without a mask, the key the mask favours most otherwise. Masks that differ per
+    query head give -inf (the stabiliser then rests on the state alone). No gradient.
+    """
+    batch, q_heads, q_len, head_dim = q.shape
+    kv_heads, k_len = k.shape[1], k.shape[2]
+    if mask is None:
+        diagonal = torch.arange(q_len, device=q.device) + (k_len - q_len)
+        index = diagonal.clamp(0, k_len - 1).expand(batch, q_len)
+        bonus = torch.zeros(batch, q_len, device=q.device)
+        sees_none = (diagonal < 0).expand(batch, q_len) & is_causal
+    else:
+        mask4 = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+        if mask4.shape[1] != 1:
+            return torch.full((batch, q_heads, q_len), float("-inf"), device=q.device)
+        rows = mask4[:, :1]  # [b, 1, Lq or 1, Lk], a view, reduced before any broadcasting
+        if rows.dtype == torch.bool:
+            best, index = rows.max(-1)  # first True, or 0 when there is none
+            sees_none, bonus = ~best, torch.zeros(best.shape, device=q.device)
+        else:
+            bonus, index = rows.max(-1)
+            sees_none = bonus == float("-inf")
+            bonus = bonus.float().masked_fill(sees_none, 0.0)
+        index, bonus = index[:, 0].expand(batch, q_len), bonus[:, 0].expand(batch, q_len)
+        sees_none = sees_none[:, 0].expand(batch, q_len)
+    with torch.no_grad():
+        gather = index[:, None, :, None].expand(batch, kv_heads, q_len, head_dim)
+        keys = k.gather(2, gather).float()  # [B, Hkv, Lq, D]
+        grouped = q.reshape(batch, kv_heads, q_heads // kv_heads, q_len, head_dim).float()
+        logit = scale * torch.einsum("bhgld,bhld->bhgl", grouped, keys)
+        logit = logit.reshape(batch, q_heads, q_len) + bonus[:, None]
+        return logit.masked_fill(sees_none[:, None], float("-inf"))
 
 
 class _AugmentQueries(torch.autograd.Function):
