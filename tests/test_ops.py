@@ -444,6 +444,53 @@ def test_callable_feature_map_sees_queries_grouped_per_kv_head(path):
     close(out, expected, 2e-5, path)
 
 
+DROPOUT_CASES = {
+    "trained_state": Case(is_causal=True),
+    "zero_state": Case(mask="bool"),  # kappa = 0, Z = 0: the adapter at its init
+}
+
+
+def _dropout_inputs(name: str) -> dict:
+    inputs = make_inputs(DROPOUT_CASES[name])
+    if name == "zero_state":
+        inputs["z"], inputs["kappa"] = inputs["z"] * 0, inputs["kappa"] * 0
+    return inputs
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("name", DROPOUT_CASES)
+def test_dropout_path_at_tiny_rate_matches_reference_and_trains_kappa(path, name):
+    """With dropout the state is merged as one more key (its logit its log mass): at a rate
+    that drops nothing, output and every gradient equal the reference, and kappa = 0 still
+    gets its gradient (it did not when the key's logit was detached)."""
+    inputs = _dropout_inputs(name)
+    leaves = differentiable(inputs)
+    out = call(PATHS[path], inputs, dropout_p=1e-9)
+    ref_inputs = as_float64(inputs)
+    ref_leaves = differentiable(ref_inputs)
+    expected = call(reference_ntk_attention, ref_inputs)
+    close(out, expected, 2e-5, f"{path} {name} dropout output")
+    weight = torch.randn_like(expected)
+    (out * weight.float()).sum().backward()
+    (expected * weight).sum().backward()
+    for leaf_name, leaf, ref_leaf in zip("q k v z kappa".split(), leaves, ref_leaves, strict=True):
+        close(leaf.grad, ref_leaf.grad, 1e-4, f"{path} {name} dropout d{leaf_name}", floor=1e-6)
+    assert leaves[-1].grad.abs().sum() > 0, "kappa got no gradient under dropout"
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_dropout_is_unbiased(path):
+    """E[dropout attention] = attention: the mean over many draws approaches the output
+    without dropout (state included), and each draw differs from it."""
+    inputs = make_inputs(Case(batch=1, q_heads=2, kv_heads=1, q_len=4, k_len=4))
+    expected = call(PATHS[path], inputs)
+    torch.manual_seed(1)
+    draws = torch.stack([call(PATHS[path], inputs, dropout_p=0.3) for _ in range(4000)])
+    assert not torch.allclose(draws[0], expected)
+    spread = draws.std(0) / math.sqrt(len(draws))
+    assert ((draws.mean(0) - expected).abs() <= 5 * spread + 1e-6).all()
+
+
 def test_auto_implementation_is_the_fused_path():
     inputs = make_inputs(Case(is_causal=True))
     torch.testing.assert_close(call(ntk_attention, inputs), call(ntk_attention_fused, inputs),

@@ -53,7 +53,8 @@ def fused_attention(
     does, in fp16 too). SDPA's
     own max subtraction includes lambda, so any logit range is stable. A row that sees no
     key gets b / a, or zeros when a = 0. With dropout, t would count dropped keys, so the
-    state is merged as one more key instead: out = o + c b (dropout semantics of SDPA).
+    state is merged as one more key instead, whose logit is its exact log mass lambda =
+    o + log(a) with the gradient kept: out = o + c b / a (dropout semantics of SDPA).
 
     The extra key sits first, so it is visible under every causal layout. When Lq = Lk and
     no mask is given, a dummy query is put first too: then plain ``is_causal=True`` on
@@ -73,11 +74,15 @@ def fused_attention(
         mask = combined_mask(attn_mask, is_causal, q_len, k_len, q.device)
 
     mass = terms.mass.clamp_min(0)  # [B, Hq, Lq]; a negative phi^T kappa counts as none
-    floored = (mass + MASS_FLOOR).detach()
-    stabiliser = torch.maximum(
-        terms.log_offset.detach() + floored.log(),
-        _visible_key_logit(q, k, mask, is_causal, scale).to(floored.dtype),
-    )  # lambda, [B, Hq, Lq]
+    if dropout_p > 0.0:
+        # The state is one more key, dropped like the others: its logit must be its exact log
+        # mass, with the gradient to kappa (and the offset) flowing through SDPA's query grad.
+        stabiliser = terms.log_offset + (mass + MASS_FLOOR).log()
+    else:
+        stabiliser = torch.maximum(
+            terms.log_offset.detach() + (mass + MASS_FLOOR).detach().log(),
+            _visible_key_logit(q, k, mask, is_causal, scale).to(mass.dtype),
+        )  # lambda, [B, Hq, Lq]
     # SDPA sees lambda / s rounded to the input dtype; the merge must undo that same value
     # (in bf16 the rounding is up to half a unit at |lambda / s| ~ 200: a factor e^{s/2}).
     query_column = (stabiliser / scale).to(dtype)
@@ -106,8 +111,9 @@ def fused_attention(
         dropout_p=dropout_p,
         enable_gqa=q_heads != kv_heads,
     )
-    # e^{o - lambda} = 1 / (mass + floor), differentiable in the offset o (a trained
-    # state_log_scale): c' = w e^{o - lambda} multiplies numer and mass directly.
+    # e^{o - lambda}, differentiable in the offset o (a trained state_log_scale): c' =
+    # w e^{o - lambda} multiplies numer and mass directly. With dropout it is 1 / (mass +
+    # floor), so c' numer = w b / a: the extra key's weight times its value.
     inverse = (terms.log_offset - stabiliser).exp()
     out = _MergeState.apply(
         out_aug, terms.numer, mass, inverse, int(dummy_query), value_dim, dropout_p == 0.0
