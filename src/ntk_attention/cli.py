@@ -1,12 +1,26 @@
-"""The `ntk-attention` command line: one sub-command per job, registered in ``COMMANDS``."""
+"""The `ntk-attention` command line: one sub-command per job, registered in ``COMMANDS``.
+
+    ntk-attention finetune --task bbc-news --method ntk      one task, one method
+    ntk-attention compare --task bbc-news --methods ntk lora prefix
+    ntk-attention demo                                       the embedded default comparison
+    ntk-attention ops-demo                                   the op alone, no training
+
+Bad input (data, model, arguments, an output folder holding another run) ends with one
+``error:`` line on stderr and exit status 2, before anything is written.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
 from collections.abc import Callable
 
-__all__ = ["COMMANDS", "main"]
+__all__ = ["COMMANDS", "EXIT_BAD_INPUT", "main"]
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
 
 
 def _ops_demo(args: argparse.Namespace) -> int:
@@ -31,12 +45,181 @@ def _add_ops_demo(parser: argparse.ArgumentParser) -> None:
     )
 
 
+# ------------------------------------------------------------------------- training commands
+
+
+def _quiet_transformers() -> None:
+    """No download attempts, no load reports or weight-loading bars between our lines."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    import transformers
+
+    # PEFT calls a transformers property deprecated in 5.x on every get_peft_model.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+
+def _add_train_arguments(parser: argparse.ArgumentParser, *, defaults: dict | None = None) -> None:
+    """The run settings finetune and compare share (dest names = TrainConfig fields)."""
+    from .train.loop import TrainConfig
+
+    base = {f.name: f.default for f in TrainConfig.__dataclass_fields__.values()}
+    base.update(defaults or {})
+    data = parser.add_argument_group("task and data")
+    data.add_argument("--task", required="task" not in (defaults or {}), default=base.get("task"),
+                      help="built-in task (bbc-news, drug-review, fashion-mnist, wiki-lm, "
+                      "arithmetic) or, with --data, a kind: classification, causal-lm, generation")
+    data.add_argument("--model", metavar="DIR", help="local Hugging Face model directory "
+                      "(default: the task's model)")
+    data.add_argument("--data", metavar="FILE", help="CSV/JSONL file: text,label (classification),"
+                      " prompt,completion (generation) or text (causal-lm)")
+    data.add_argument("--max-train", type=int, default=base["max_train"], metavar="N",
+                      help="use the first N training rows (seeded shuffle)")
+    data.add_argument("--max-eval", type=int, default=base["max_eval"], metavar="N",
+                      help="use the first N validation and N test rows")
+    data.add_argument("--max-length", type=int, default=base["max_length"], metavar="TOKENS")
+    data.add_argument("--image-size", type=int, default=base["image_size"], metavar="PIXELS")
+    method = parser.add_argument_group("method")
+    method.add_argument("--r", type=int, help="ntk: feature dimension (default: the map's own)")
+    method.add_argument("--rank", type=int, help="ntk: low-rank Z (default: dense)")
+    method.add_argument("--feature-map", default=base["feature_map"],
+                        help="ntk: elu, favor, taylor or exp (default: %(default)s)")
+    method.add_argument("--prefix-length", type=int, default=base["prefix_length"], metavar="M",
+                        help="prefix/prompt: virtual tokens (default: %(default)s)")
+    method.add_argument("--lora-r", type=int, default=base["lora_r"],
+                        help="lora: rank (default: %(default)s)")
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--lr", type=float, help="learning rate (default: the method's: ntk 1e-2,"
+                       " lora 1e-3, prefix 1e-2, prompt 3e-2, full 5e-5)")
+    optim.add_argument("--epochs", type=int, default=base["epochs"])
+    optim.add_argument("--max-steps", type=int, default=base["max_steps"],
+                       help="stop after N optimizer steps (overrides --epochs)")
+    optim.add_argument("--batch-size", type=int, default=base["batch_size"])
+    optim.add_argument("--warmup-ratio", type=float, default=base["warmup_ratio"])
+    optim.add_argument("--weight-decay", type=float, default=base["weight_decay"])
+    optim.add_argument("--seed", type=int, default=base["seed"])
+    run = parser.add_argument_group("run")
+    run.add_argument("--output", metavar="DIR", default=base["output"])
+    run.add_argument("--resume", action="store_true",
+                     help="continue the run in --output from its latest checkpoint")
+    run.add_argument("--save-every", type=int, default=base["save_every"], metavar="STEPS",
+                     help="checkpoint every N steps, besides every epoch (0: epochs only)")
+    run.add_argument("--device", default=base["device"], help="auto, cpu or cuda[:i]")
+    run.add_argument("--threads", type=int, metavar="N", help="torch CPU threads")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    # Stops a run after N steps as a crash would (no final files): for crash/resume tests.
+    run.add_argument("--stop-after-steps", type=int, help=argparse.SUPPRESS)
+
+
+def _config_from(args: argparse.Namespace, **fixed):
+    from .train.loop import TrainConfig
+
+    fields = TrainConfig.__dataclass_fields__
+    values = {name: getattr(args, name) for name in fields if hasattr(args, name)}
+    values.update(fixed)
+    return TrainConfig(**values)
+
+
+def _setup(args: argparse.Namespace) -> None:
+    _quiet_transformers()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from .train.loop import train
+
+    _setup(args)
+    config = _config_from(args)
+    results = train(config, resume=args.resume, progress=not args.no_progress,
+                    stop_after_steps=args.stop_after_steps)
+    if results is None:
+        print(f"stopped after {args.stop_after_steps} steps; continue with --resume")
+        return 0
+    test = results["metrics"]["test"]
+    print(f"{results['method']} on {results['task']}: test "
+          + ", ".join(f"{k} {v:.4f}" for k, v in test.items())
+          + f"; {results['trainable_parameters']:,} trainable parameters; "
+          f"results in {config.output}/results.json")
+    return 0
+
+
+def _add_finetune(parser: argparse.ArgumentParser) -> None:
+    from .train.methods import METHODS
+
+    parser.add_argument("--method", required=True, choices=sorted(METHODS))
+    _add_train_arguments(parser)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from .train.compare import compare
+
+    _setup(args)
+    config = _config_from(args, method=args.methods[0])
+    out = compare(config, args.methods, output=args.output, resume=args.resume,
+                  progress=not args.no_progress, stop_after_steps=args.stop_after_steps)
+    if out is None:
+        print(f"stopped after {args.stop_after_steps} steps; continue with --resume")
+        return 0
+    print("\n" + out["table"])
+    print(f"\ntable: {out['files']['comparison.md']}\nplot:  {out['files']['comparison.png']}")
+    return 0
+
+
+def _add_compare(parser: argparse.ArgumentParser) -> None:
+    from .train.methods import METHODS
+
+    parser.add_argument("--methods", nargs="+", default=["ntk", "lora", "prefix"],
+                        choices=sorted(METHODS), metavar="METHOD",
+                        help=f"methods to compare, from {sorted(METHODS)} (default: %(default)s)")
+    _add_train_arguments(parser, defaults={"output": "runs/compare"})
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .train.compare import DEMO_METHODS, compare, demo_config, demo_note, prepare_demo_output
+
+    _setup(args)
+    started = time.perf_counter()
+    config = demo_config(max_steps=args.max_steps, max_train=args.max_train,
+                         max_eval=args.max_eval, epochs=args.epochs)
+    methods = tuple(args.methods or DEMO_METHODS)
+    print("NTK-Attention vs LoRA vs prefix tuning (P-Tuning v2): all-MiniLM-L6-v2 on BBC News "
+          "(5 topics).")
+    print(demo_note(config))
+    output = prepare_demo_output(args.output)
+    out = compare(config, methods, output=output, progress=not args.no_progress)
+    print("\n" + out["table"])
+    print(f"\ntable: {out['files']['comparison.md']}\nplot:  {out['files']['comparison.png']}")
+    print(f"demo wall time: {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+def _add_demo(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output", default="runs/demo", metavar="DIR")
+    parser.add_argument("--methods", nargs="+", metavar="METHOD",
+                        help="default: ntk lora prefix")
+    parser.add_argument("--max-steps", type=int, help="cut each run short (smoke tests)")
+    parser.add_argument("--max-train", type=int, metavar="N")
+    parser.add_argument("--max-eval", type=int, metavar="N")
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--threads", type=int, metavar="N", help="torch CPU threads")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 # name -> (help, add_arguments, run)
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
+    "finetune": ("fine-tune one method on one task", _add_finetune, _finetune),
+    "compare": ("fine-tune several methods on one task; table and plot", _add_compare, _compare),
+    "demo": ("the embedded default: NTK-Attention vs LoRA vs prefix tuning on BBC News "
+             "(a few minutes on CPU)", _add_demo, _demo),
     "ops-demo": ("error and speed of a constant-size state vs a long prefix", _add_ops_demo, _ops_demo),
 }
-# Until the finetune CLI lands, the embedded default demo is the ops demo.
-COMMANDS["demo"] = ("run the embedded default demo", _add_ops_demo, _ops_demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,9 +232,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _input_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean bad input (reported in one line, exit 2), not a bug (traceback)."""
+    errors: list[type[BaseException]] = []
+    if "ntk_attention.train.loop" in sys.modules:
+        from .models import ModelUnavailableError
+        from .train.checkpoint import CheckpointError
+        from .train.loop import RunError
+        from .train.tasks import DataError
+
+        errors += [RunError, DataError, CheckpointError, ModelUnavailableError]
+    return tuple(errors)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        print("interrupted; a training run continues from its last checkpoint with --resume",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as error:
+        if isinstance(error, _input_errors()):
+            print(f"error: {error}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        raise
 
 
 if __name__ == "__main__":
