@@ -641,3 +641,16 @@ def test_bad_input_raises_value_error_naming_the_argument(name):
     make, match = BAD_INPUTS[name]
     with pytest.raises(ValueError, match=match):
         call(ntk_attention, make())
+
+
+def test_augmented_keys_repeat_kv_heads_for_their_query_heads():
+    """The GQA layout used where SDPA's kernel takes no enable_gqa (fp32 on CUDA): each KV head
+    is repeated for its G query heads, and the backward sums the G copies (gradcheck)."""
+    from ntk_attention.ops.fused import _AugmentKeys
+
+    x = torch.randn(2, 2, 5, 3, dtype=torch.float64, requires_grad=True)
+    out = _AugmentKeys.apply(x, 8, True, 3)
+    assert out.shape == (2, 6, 6, 8)
+    for head in range(6):
+        torch.testing.assert_close(out[:, head, 1:, :3], x[:, head // 3])
+    assert torch.autograd.gradcheck(lambda t: _AugmentKeys.apply(t, 8, True, 3), (x,))

@@ -100,16 +100,20 @@ def fused_attention(
         if mask.dtype != torch.bool:
             mask = mask.to(dtype)
 
+    # CUDA gives fp32 the memory-efficient kernel, which takes no enable_gqa: SDPA would fall
+    # back to its math kernel and build [Lq, Lk] scores, so the KV heads are repeated instead.
+    groups = q_heads // kv_heads
+    repeat = groups if q.is_cuda and dtype == torch.float32 else 1
     q_aug = _AugmentQueries.apply(q, query_column, qk_dim, int(dummy_query))
     out_aug = F.scaled_dot_product_attention(
         q_aug,
-        _AugmentKeys.apply(k, qk_dim, False),
-        _AugmentKeys.apply(v, v_dim, True),
+        _AugmentKeys.apply(k, qk_dim, False, repeat),
+        _AugmentKeys.apply(v, v_dim, True, repeat),
         attn_mask=mask,
         is_causal=dummy_query,
         scale=scale,
         dropout_p=dropout_p,
-        enable_gqa=q_heads != kv_heads,
+        enable_gqa=groups != repeat,
     )
     # e^{o - lambda}, differentiable in the offset o (a trained state_log_scale): c' =
     # w e^{o - lambda} multiplies numer and mass directly. With dropout it is 1 / (mass +
@@ -190,24 +194,29 @@ class _AugmentQueries(torch.autograd.Function):
 
 class _AugmentKeys(torch.autograd.Function):
     """Keys [[0..0, 1, 0..], [k, 0, 0..]] or, with ``ones_column``, values
-    [[0..0, 1, 0, 0..], [v, 0, 1, 0..]]: one extra row in front, zero padding after D."""
+    [[0..0, 1, 0, 0..], [v, 0, 1, 0..]]: one extra row in front, zero padding after D; with
+    ``groups`` > 1 each KV head repeated for its query heads (GQA without enable_gqa)."""
 
     @staticmethod
-    def forward(ctx, x, width, ones_column):
+    def forward(ctx, x, width, ones_column, groups=1):
         batch, heads, length, head_dim = x.shape
-        out = x.new_empty(batch, heads, length + 1, width)
-        out[:, :, 1:, :head_dim].copy_(x)
+        out = x.new_empty(batch, heads * groups, length + 1, width)
+        grouped = out.view(batch, heads, groups, length + 1, width)
+        grouped[:, :, :, 1:, :head_dim].copy_(x.unsqueeze(2))  # KV head h -> heads h*G..h*G+G-1
         out[:, :, 1:, head_dim:].zero_()
         out[:, :, 0].zero_()
         out[:, :, 0, head_dim] = 1.0
         if ones_column:
             out[:, :, 1:, head_dim + 1] = 1.0
-        ctx.head_dim = head_dim
+        ctx.dims = (head_dim, groups)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        return grad[:, :, 1:, : ctx.head_dim], None, None
+        head_dim, groups = ctx.dims
+        batch, heads, length, width = grad.shape
+        grouped = grad.view(batch, heads // groups, groups, length, width)
+        return grouped[:, :, :, 1:, :head_dim].sum(2), None, None, None
 
 
 class _MergeState(torch.autograd.Function):
