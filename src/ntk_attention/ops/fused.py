@@ -140,6 +140,12 @@ def _visible_key_logit(
     """
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, k_len = k.shape[1], k.shape[2]
+    grouped = q.reshape(batch, kv_heads, q_heads // kv_heads, q_len, head_dim)
+    if mask is None and k_len >= q_len:  # the diagonal keys are a slice: no gather
+        with torch.no_grad():
+            keys = k[:, :, k_len - q_len :].unsqueeze(2)  # [B, Hkv, 1, Lq, D]
+            logit = torch.linalg.vecdot(grouped, keys).float() * scale
+            return logit.reshape(batch, q_heads, q_len)
     if mask is None:
         diagonal = torch.arange(q_len, device=q.device) + (k_len - q_len)
         index = diagonal.clamp(0, k_len - 1).expand(batch, q_len)
@@ -161,9 +167,8 @@ def _visible_key_logit(
         sees_none = sees_none[:, 0].expand(batch, q_len)
     with torch.no_grad():
         gather = index[:, None, :, None].expand(batch, kv_heads, q_len, head_dim)
-        keys = k.gather(2, gather).float()  # [B, Hkv, Lq, D]
-        grouped = q.reshape(batch, kv_heads, q_heads // kv_heads, q_len, head_dim).float()
-        logit = scale * torch.einsum("bhgld,bhld->bhgl", grouped, keys)
+        keys = k.gather(2, gather).unsqueeze(2)  # [B, Hkv, 1, Lq, D]
+        logit = torch.linalg.vecdot(grouped, keys).float() * scale
         logit = logit.reshape(batch, q_heads, q_len) + bonus[:, None]
         return logit.masked_fill(sees_none[:, None], float("-inf"))
 
