@@ -1,0 +1,217 @@
+"""Accuracy of NTK-Attention against LoRA, prefix tuning (several m), prompt tuning and full
+fine-tuning: the paper's comparison, redone on the offline tasks with one recipe for all.
+
+Protocol (the same for every method):
+  1. learning-rate grid: seed 0 with each lr of ``--lr-grid`` (the same grid for every method);
+     the lr with the best validation metric is kept;
+  2. that lr with every seed of ``--seeds``; the table reports test mean ± std over seeds.
+
+Every run is ``ntk_attention.train.loop.train`` (what ``ntk-attention finetune`` runs), in its
+own folder under ``--runs``; a run that finished before is read back, not redone, so a stopped
+experiment continues where it stopped. Writes OUTPUT.json (every run's metrics and settings),
+OUTPUT.md (the table, the command, machine and versions) and OUTPUT.png.
+
+    python experiments/accuracy.py --tasks bbc-news --output docs/results/accuracy
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# name -> (method, extra TrainConfig fields): prefix tuning at several prefix lengths m.
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "ntk": ("ntk", {}),
+    "lora": ("lora", {}),
+    "prefix-16": ("prefix", {"prefix_length": 16}),
+    "prefix-64": ("prefix", {"prefix_length": 64}),
+    "prompt": ("prompt", {"prefix_length": 16}),
+    "full": ("full", {}),
+}
+# The metric that picks the learning rate and leads the table, per task kind.
+LEAD_METRIC = {"accuracy": True, "perplexity": False, "exact_match": True}
+
+
+@dataclass(frozen=True)
+class Scale:
+    """How much of each task one run sees (CPU-sized; the full tasks are larger)."""
+
+    max_train: int
+    max_eval: int
+    epochs: int
+    max_length: int
+    batch_size: int = 16
+
+
+def run_one(task: str, variant: str, lr: float, seed: int, scale: Scale, runs: Path) -> dict:
+    from ntk_attention.train.loop import TrainConfig, train
+
+    method, extra = VARIANTS[variant]
+    output = runs / task / f"{variant}-lr{lr:g}-seed{seed}"
+    config = TrainConfig(
+        task=task, method=method, lr=lr, seed=seed, output=str(output), save_every=0,
+        max_train=scale.max_train, max_eval=scale.max_eval, epochs=scale.epochs,
+        max_length=scale.max_length, batch_size=scale.batch_size, **extra,
+    )
+    started = time.perf_counter()
+    results = train(config, resume=output.exists(), progress=False, log=lambda _: None)
+    print(f"{task:12s} {variant:10s} lr={lr:<7g} seed={seed}: "
+          f"validation {results['metrics']['validation']} test {results['metrics']['test']} "
+          f"({time.perf_counter() - started:.0f} s)", flush=True)
+    return {"task": task, "variant": variant, "method": method, "lr": lr, "seed": seed,
+            "metrics": results["metrics"],
+            "trainable_parameters": results["trainable_parameters"],
+            "step_time_s": results.get("step_time_s"), "config": results["config"]}
+
+
+def lead_metric(metrics: dict) -> tuple[str, bool]:
+    """(name, higher is better) of the metric that decides."""
+    for name, higher in LEAD_METRIC.items():
+        if name in metrics:
+            return name, higher
+    raise ValueError(f"no known metric among {sorted(metrics)}")
+
+
+def best_lr(runs: list[dict]) -> float:
+    name, higher = lead_metric(runs[0]["metrics"]["validation"])
+    key = lambda r: r["metrics"]["validation"][name]
+    return (max if higher else min)(runs, key=key)["lr"]
+
+
+def summarise(records: list[dict]) -> list[dict]:
+    rows = []
+    for task in dict.fromkeys(r["task"] for r in records):
+        for variant in dict.fromkeys(r["variant"] for r in records if r["task"] == task):
+            mine = [r for r in records if r["task"] == task and r["variant"] == variant]
+            grid = [r for r in mine if r["seed"] == 0]
+            lr = best_lr(grid)
+            final = [r for r in mine if r["lr"] == lr]
+            row = {"task": task, "variant": variant, "lr": lr, "seeds": len(final),
+                   "trainable_parameters": final[0]["trainable_parameters"]}
+            for name in final[0]["metrics"]["test"]:
+                values = [r["metrics"]["test"][name] for r in final]
+                row[name] = (statistics.mean(values),
+                             statistics.stdev(values) if len(values) > 1 else 0.0)
+            rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict], args: argparse.Namespace, scale: Scale, env: dict) -> str:
+    lines = [
+        "# Accuracy: NTK-Attention vs LoRA, prefix tuning, prompt tuning, full fine-tuning",
+        "",
+        f"`{env['command']}`",
+        "",
+        f"Machine: {env['machine']}; torch {env['torch']}, transformers {env['transformers']}, "
+        f"peft {env['peft']}; wall time {env['wall_s'] / 60:.0f} min.",
+        "",
+        f"Scale (CPU-sized, not the full tasks): the first {scale.max_train} training rows of a "
+        f"seeded shuffle, {scale.max_eval} validation and {scale.max_eval} test rows, "
+        f"{scale.max_length} tokens, batch {scale.batch_size}, {scale.epochs} epochs. "
+        f"Learning rate chosen per method on validation (seed 0) from the same grid "
+        f"{args.lr_grid}; test metrics are mean ± std over seeds {args.seeds} at that lr.",
+        "",
+    ]
+    for task in dict.fromkeys(r["task"] for r in rows):
+        mine = [r for r in rows if r["task"] == task]
+        metrics = [k for k in mine[0] if isinstance(mine[0][k], tuple)]
+        lines += [f"## {task}", "",
+                  "| method | trainable params | lr | " + " | ".join(metrics) + " |",
+                  "|---|---|---|" + "---|" * len(metrics)]
+        for r in mine:
+            cells = " | ".join(f"{r[m][0]:.4f} ± {r[m][1]:.4f}" for m in metrics)
+            lines.append(f"| {r['variant']} | {r['trainable_parameters']:,} | {r['lr']:g} | "
+                         f"{cells} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        mine = [r for r in rows if r["task"] == task]
+        name = next(k for k in LEAD_METRIC if k in mine[0])
+        means = [r[name][0] for r in mine]
+        stds = [r[name][1] for r in mine]
+        colors = ["tab:red" if r["variant"] == "ntk" else "tab:gray" for r in mine]
+        ax.bar([r["variant"] for r in mine], means, yerr=stds, color=colors, capsize=3)
+        ax.set_title(f"{task}: test {name}")
+        ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def environment(started: float) -> dict:
+    import peft
+    import torch
+    import transformers
+
+    return {"command": "python " + " ".join(sys.argv), "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__,
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                       f"{torch.get_num_threads()} torch threads",
+            "wall_s": time.perf_counter() - started}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", nargs="+", default=["bbc-news", "drug-review"])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--lr-grid", nargs="+", type=float, default=[1e-4, 1e-3, 1e-2])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--max-train", type=int, default=512)
+    parser.add_argument("--max-eval", type=int, default=200)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--runs", type=Path, default=Path("runs/accuracy"))
+    parser.add_argument("--output", type=Path, default=Path("docs/results/accuracy"))
+    args = parser.parse_args()
+    if 0 not in args.seeds:
+        parser.error("--seeds must include 0 (the learning-rate grid runs on seed 0)")
+    started = time.perf_counter()
+    import torch
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    scale = Scale(args.max_train, args.max_eval, args.epochs, args.max_length)
+
+    records = []
+    for task in args.tasks:
+        for variant in args.variants:
+            grid = [run_one(task, variant, lr, 0, scale, args.runs) for lr in args.lr_grid]
+            records += grid
+            lr = best_lr(grid)
+            records += [run_one(task, variant, lr, seed, scale, args.runs)
+                        for seed in args.seeds if seed != 0]
+    rows = summarise(records)
+    env = environment(started)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.with_suffix(".json").write_text(json.dumps(
+        {"environment": env, "scale": scale.__dict__, "lr_grid": args.lr_grid,
+         "seeds": args.seeds, "rows": rows, "runs": records}, indent=1, default=str))
+    args.output.with_suffix(".md").write_text(markdown(rows, args, scale, env))
+    plot(rows, args.output.with_suffix(".png"))
+    print(markdown(rows, args, scale, env))
+
+
+if __name__ == "__main__":
+    main()
