@@ -65,3 +65,46 @@ def test_name_alone_is_rejected_and_head_count_checked():
         ntk_attention(q, k, v, torch.zeros(HKV, M, D), torch.zeros(HKV, M), feature_map=wrong_heads)
     with pytest.raises(ValueError, match="needs the number of features"):
         get_feature_map("exp", D)
+
+
+@pytest.mark.parametrize("implementation", ["fused", "naive"])
+def test_elu_plus_exp_keeps_its_virtual_tokens_exact_beside_a_linear_state(implementation):
+    """'elu+exp' with a zero linear-attention part and the prefix copied into its exponential
+    part is prefix attention; a non-zero linear part adds phi_elu(q)^T Z_elu to both sums."""
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(B, HQ, L, D, generator=g, dtype=torch.float64) * 3
+    k, v = (torch.randn(B, HKV, L, D, generator=g, dtype=torch.float64) * 3 for _ in range(2))
+    prefix_k = torch.randn(HKV, M, D, generator=g, dtype=torch.float64) * 3
+    prefix_v = torch.randn(HKV, M, D, generator=g, dtype=torch.float64)
+    phi = get_feature_map("elu+exp", D, r=D + M, kv_heads=HKV).double()
+    with torch.no_grad():
+        phi.exp.weight.copy_(prefix_k)
+    z = torch.cat([torch.zeros(HKV, D, D, dtype=torch.float64), prefix_v], dim=1)
+    kappa = torch.cat([torch.zeros(HKV, D, dtype=torch.float64), torch.ones(HKV, M, dtype=torch.float64)], 1)
+    out = ntk_attention(q, k, v, z, kappa, feature_map=phi, is_causal=True,
+                        implementation=implementation)
+    assert_close(out, prefix_attention(q, k, v, prefix_k, prefix_v, is_causal=True), rtol=1e-10, atol=1e-12)
+
+    z_elu = torch.rand(HKV, D, D, generator=g, dtype=torch.float64)
+    kappa_elu = torch.rand(HKV, D, generator=g, dtype=torch.float64)
+    z[:, :D], kappa[:, :D] = z_elu, kappa_elu
+    out = ntk_attention(q, k, v, z, kappa, feature_map=phi, is_causal=True,
+                        implementation=implementation)
+    # The same state split in two: the exp part as a prefix, the elu part through the naive op.
+    elu = get_feature_map("elu", D).double()
+    features = elu(q.reshape(B, HKV, -1, D)).reshape(B, HQ, L, D)
+    group = HQ // HKV
+    numer = torch.einsum("bhld,hde->bhle", features, z_elu.repeat_interleave(group, 0))
+    mass = torch.einsum("bhld,hd->bhl", features, kappa_elu.repeat_interleave(group, 0))
+    keys = torch.cat([prefix_k.expand(B, -1, -1, -1), k], 2).repeat_interleave(group, 1)
+    values = torch.cat([prefix_v.expand(B, -1, -1, -1), v], 2).repeat_interleave(group, 1)
+    logits = q @ keys.transpose(-1, -2) / D**0.5
+    logits[..., M:] = logits[..., M:].masked_fill(torch.ones(L, L, dtype=torch.bool).triu(1), -torch.inf)
+    weights = logits.exp()
+    expected = (weights @ values + numer) / (weights.sum(-1) + mass).unsqueeze(-1)
+    assert_close(out, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_elu_plus_exp_needs_more_features_than_the_head_dim():
+    with pytest.raises(ValueError, match=r"elu\+exp.*r > head_dim = 16, got r=16"):
+        get_feature_map("elu+exp", D, r=D)

@@ -31,7 +31,7 @@ def test_frozen_and_replace_returns_a_validated_copy():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        (dict(feature_map="relu"), r"feature_map must be one of \['elu', 'exp', 'favor', 'taylor'\], got 'relu'"),
+        (dict(feature_map="relu"), r"feature_map must be one of \['elu', 'elu\+exp', 'exp', 'favor', 'taylor'\], got 'relu'"),
         (dict(r=0), "r must be a positive int or None, got 0"),
         (dict(r=True), "r must be a positive int"),
         (dict(rank=-2), "rank must be a positive int or None, got -2"),

@@ -5,6 +5,7 @@ from .attention import IMPLEMENTATIONS, ntk_attention, ntk_attention_fused, ntk_
 from .feature_maps import (
     FEATURE_MAPS,
     CallableFeatureMap,
+    EluExpFeatureMap,
     EluFeatureMap,
     ExpFeatureMap,
     FavorFeatureMap,
@@ -20,6 +21,7 @@ __all__ = [
     "FEATURE_MAPS",
     "IMPLEMENTATIONS",
     "CallableFeatureMap",
+    "EluExpFeatureMap",
     "EluFeatureMap",
     "ExpFeatureMap",
     "FavorFeatureMap",

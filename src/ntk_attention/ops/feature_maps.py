@@ -19,6 +19,9 @@ Registry (``FEATURE_MAPS``), selected by name with :func:`get_feature_map`:
             W [Hkv, r, D], b [Hkv, r] trainable. With these the state *is* r trained virtual
             tokens: kappa_i = 1, b_i = 0, W_i = a prefix key and Z_i = its value reproduce
             prefix attention exactly. Evaluated in log space (never overflows).
+``elu+exp`` ELU features (the first D of r) followed by r - D learnable exponential features
+            (``exp`` above): a linear-attention state plus r - D trained virtual tokens, e.g. an
+            exact attention sink (the prompt's first token). r > D required.
 ``taylor``  second-order Taylor features of e^{s x.y}:
             phi(x) = [1, sqrt(s) x, s vec(x x^T) / sqrt(2)], r = 1 + D + D^2, so
             phi(x)^T phi(y) = 1 + s x.y + (s x.y)^2 / 2 > 0. Individual features can be negative;
@@ -39,6 +42,7 @@ from torch import nn
 __all__ = [
     "FEATURE_MAPS",
     "CallableFeatureMap",
+    "EluExpFeatureMap",
     "EluFeatureMap",
     "ExpFeatureMap",
     "FavorFeatureMap",
@@ -166,6 +170,44 @@ class ExpFeatureMap(FeatureMap):
         return (exponent - offset).exp(), offset
 
 
+class EluExpFeatureMap(FeatureMap):
+    """``elu`` features followed by ``exp`` features: phi(x) = [ELU(x sqrt(s)) + 1, exp(s x.W + b)].
+
+    r = D + n: the first D features are the paper's linear-attention map, the last n are
+    per-KV-head learnable exponential features (``exp.weight`` [Hkv, n, D], ``exp.bias``
+    [Hkv, n]), i.e. n virtual tokens. With W_i = a real key, b_i = 0, kappa_i = 1 and Z_i its
+    value, token i is kept exactly (an attention sink) beside a linear-attention state.
+    ``log_forward`` shares one offset, max(0, largest exponent), between both parts.
+    """
+
+    def __init__(
+        self,
+        head_dim: int,
+        r: int | None = None,
+        scale: float | None = None,
+        kv_heads: int = 1,
+        seed: int = 0,
+    ) -> None:
+        if r is None or r <= head_dim:
+            raise ValueError(
+                f"feature_map 'elu+exp' has r = head_dim + n exponential features, so it needs "
+                f"r > head_dim = {head_dim}, got r={r}"
+            )
+        super().__init__(head_dim, r, scale)
+        self.elu = EluFeatureMap(head_dim, scale=self.scale)
+        self.exp = ExpFeatureMap(head_dim, r - head_dim, self.scale, kv_heads=kv_heads, seed=seed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        exp_part = self.exp(x)
+        return torch.cat([self.elu(x.to(exp_part.dtype)), exp_part], dim=-1)
+
+    def log_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        exponent = self.exp._exponent(x)
+        offset = exponent.amax(-1, keepdim=True).clamp_min(0.0).detach()
+        elu_part = self.elu(x.to(exponent.dtype)) * torch.exp(-offset)
+        return torch.cat([elu_part, (exponent - offset).exp()], dim=-1), offset
+
+
 class TaylorFeatureMap(FeatureMap):
     """phi(x) = [1, sqrt(s) x, s vec(x x^T) / sqrt(2)]; r = 1 + D + D^2."""
 
@@ -198,6 +240,7 @@ class CallableFeatureMap(FeatureMap):
 
 FEATURE_MAPS: dict[str, type[FeatureMap]] = {
     "elu": EluFeatureMap,
+    "elu+exp": EluExpFeatureMap,
     "exp": ExpFeatureMap,
     "favor": FavorFeatureMap,
     "taylor": TaylorFeatureMap,
@@ -237,9 +280,9 @@ def get_feature_map(
             )
         cls = FEATURE_MAPS[feature_map]
         kwargs = {}
-        if cls in (FavorFeatureMap, ExpFeatureMap):
+        if cls in (FavorFeatureMap, ExpFeatureMap, EluExpFeatureMap):
             kwargs["seed"] = seed
-        if cls is ExpFeatureMap:
+        if cls in (ExpFeatureMap, EluExpFeatureMap):
             kwargs["kv_heads"] = kv_heads
         return cls(head_dim, r=r, scale=scale, **kwargs)
     if callable(feature_map):

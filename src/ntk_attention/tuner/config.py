@@ -22,7 +22,7 @@ INITS = ("zeros", "normal")
 IMPLEMENTATIONS = ("auto", "fused", "naive")
 
 # Maps whose feature dimension is fixed by the head dim (r = None means "the natural r").
-_NEEDS_R = frozenset({"exp"})
+_NEEDS_R = frozenset({"exp", "elu+exp"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +38,8 @@ class NTKConfig:
     Fields:
       feature_map      "elu" (the paper's, r = head dim), "favor" (any r), "taylor"
                        (r = 1 + D + D^2) or "exp" (learnable exponential features, r required;
-                       the state is then r trained virtual tokens).
+                       the state is then r trained virtual tokens), or "elu+exp" (elu
+                       features plus r - D virtual tokens, e.g. an exact attention sink).
       r                feature dimension; None = the map's natural size (head dim for elu and
                        favor). Resolved per layer from the model's head dim at injection.
       rank             None: dense Z. An int s: low-rank Z = Z_A Z_B.
