@@ -112,14 +112,14 @@ def markdown(rows: list[dict], args: argparse.Namespace, scale: Scale, env: dict
         "",
         f"`{env['command']}`",
         "",
-        f"Machine: {env['machine']}; torch {env['torch']}, transformers {env['transformers']}, "
-        f"peft {env['peft']}; wall time {env['wall_s'] / 60:.0f} min.",
+        (f"Machine: {env['machine']}; torch {env['torch']}, transformers "
+         f"{env['transformers']}, peft {env['peft']}; wall time {env['wall_s'] / 60:.0f} min."),
         "",
-        f"Scale (CPU-sized, not the full tasks): the first {scale.max_train} training rows of a "
-        f"seeded shuffle, {scale.max_eval} validation and {scale.max_eval} test rows, "
-        f"{scale.max_length} tokens, batch {scale.batch_size}, {scale.epochs} epochs. "
-        f"Learning rate chosen per method on validation (seed 0) from the same grid "
-        f"{args.lr_grid}; test metrics are mean ± std over seeds {args.seeds} at that lr.",
+        (f"Scale (CPU-sized, not the full tasks): the first {scale.max_train} training rows of "
+         f"a seeded shuffle, {scale.max_eval} validation and {scale.max_eval} test rows, "
+         f"{scale.max_length} tokens, batch {scale.batch_size}, {scale.epochs} epochs. "
+         f"Learning rate chosen per method on validation (seed 0) from the same grid "
+         f"{args.lr_grid}; test metrics are mean ± std over seeds {args.seeds} at that lr."),
         "",
     ]
     for task in dict.fromkeys(r["task"] for r in rows):

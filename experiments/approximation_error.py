@@ -117,7 +117,7 @@ def run(args):
     for regime in args.regimes:
         std = {"small": 0.25, "unit": 1.0}[regime]
 
-        def sample(n):
+        def sample(n, std=std):
             q = torch.randn(n, SEQ_LEN, HEAD_DIM, generator=generator) * std
             k = torch.randn(n, SEQ_LEN, HEAD_DIM, generator=generator) * std
             v = torch.randn(n, SEQ_LEN, HEAD_DIM, generator=generator)

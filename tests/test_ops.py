@@ -473,7 +473,7 @@ def test_dropout_path_at_tiny_rate_matches_reference_and_trains_kappa(path, name
     weight = torch.randn_like(expected)
     (out * weight.float()).sum().backward()
     (expected * weight).sum().backward()
-    for leaf_name, leaf, ref_leaf in zip("q k v z kappa".split(), leaves, ref_leaves, strict=True):
+    for leaf_name, leaf, ref_leaf in zip(["q", "k", "v", "z", "kappa"], leaves, ref_leaves, strict=True):
         close(leaf.grad, ref_leaf.grad, 1e-4, f"{path} {name} dropout d{leaf_name}", floor=1e-6)
     assert leaves[-1].grad.abs().sum() > 0, "kappa got no gradient under dropout"
 

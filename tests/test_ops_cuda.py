@@ -31,7 +31,7 @@ def _inputs(dtype, causal_layout, generator):
     v = randn(batch, kv_heads, length, head_dim).to(dtype)
     z = randn(kv_heads, head_dim, head_dim)
     kappa = randn(kv_heads, head_dim).abs()
-    return dict(q=q, k=k, v=v, z=z, kappa=kappa, feature_map="elu", is_causal=True)
+    return {"q": q, "k": k, "v": v, "z": z, "kappa": kappa, "feature_map": "elu", "is_causal": True}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -60,10 +60,10 @@ def attention_inputs(draw):
             attn_mask = torch.zeros(visible.shape, dtype=dtype).masked_fill(~visible, float("-inf"))
             attn_mask = attn_mask + randn(*visible.shape, std=0.5)
     feature_map = get_feature_map(feature_name, head_dim, r=r, seed=seed)
-    return dict(
-        q=q, k=k, v=v, z=z, kappa=kappa, feature_map=feature_map,
-        attn_mask=attn_mask, is_causal=is_causal,
-    )
+    return {
+        "q": q, "k": k, "v": v, "z": z, "kappa": kappa, "feature_map": feature_map,
+        "attn_mask": attn_mask, "is_causal": is_causal,
+    }
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])

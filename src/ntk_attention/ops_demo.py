@@ -9,6 +9,7 @@ on a real model's keys they are not, and the state must be trained (DESIGN.md se
 
 from __future__ import annotations
 
+import functools
 import time
 
 import torch
@@ -51,14 +52,14 @@ def run_ops_demo(
         exact = prefix_attention(q, k, v, prefix_k, prefix_v, is_causal=True)
         row = {"prefix_length": m}
         row["exact_ms"] = 1e3 * _best_time(
-            lambda: prefix_attention(q, k, v, prefix_k, prefix_v, is_causal=True)
+            functools.partial(prefix_attention, q, k, v, prefix_k, prefix_v, is_causal=True)
         )
         for name, phi in (("favor", favor), ("taylor", "taylor")):
             z, kappa = prefix_to_state(prefix_k, prefix_v, phi)
             approx = ntk_attention(q, k, v, z, kappa, feature_map=phi, is_causal=True)
             row[f"{name}_rel_error"] = float((approx - exact).norm() / exact.norm())
             row[f"{name}_ms"] = 1e3 * _best_time(
-                lambda: ntk_attention(q, k, v, z, kappa, feature_map=phi, is_causal=True)
+                functools.partial(ntk_attention, q, k, v, z, kappa, feature_map=phi, is_causal=True)
             )
             row[f"{name}_state_floats"] = z.numel() + kappa.numel()
         row["prefix_floats"] = prefix_k.numel() + prefix_v.numel()

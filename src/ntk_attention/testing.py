@@ -160,7 +160,7 @@ def reference_ntk_attention(
     gradients can be compared too. ``dtype=torch.bfloat16`` (or float16) gives the plain
     PyTorch low-precision baseline of :func:`assert_low_precision_close`. Returns ``dtype``.
     """
-    batch, q_heads, q_len, head_dim = q.shape
+    _, q_heads, q_len, head_dim = q.shape
     kv_heads, k_len = k.shape[1], k.shape[2]
     groups = q_heads // kv_heads
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)

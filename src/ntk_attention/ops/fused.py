@@ -63,7 +63,7 @@ def fused_attention(
     with zeros to a multiple of 8, where SDPA's kernels are fastest (and CUDA's flash kernels
     apply).
     """
-    batch, q_heads, q_len, head_dim = q.shape
+    _, q_heads, q_len, head_dim = q.shape
     kv_heads, k_len, value_dim = k.shape[1], k.shape[2], v.shape[-1]
     dtype = q.dtype
 

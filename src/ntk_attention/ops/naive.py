@@ -38,7 +38,7 @@ def naive_attention(
     state counting as one key, as in the fused path.
     """
     dtype = torch.promote_types(q.dtype, torch.float32)
-    batch, q_heads, q_len, _ = q.shape
+    _, q_heads, q_len, _ = q.shape
     kv_heads = k.shape[1]
     groups = q_heads // kv_heads
     keys = k.to(dtype).repeat_interleave(groups, dim=1)  # [B, Hq, Lk, D]

@@ -13,7 +13,7 @@ from .feature_maps import FeatureMap, get_feature_map
 # Named maps with parameters: a name alone cannot say what their values are.
 TRAINABLE_MAPS = frozenset({"exp", "elu+exp"})
 
-__all__ = ["check_qkv", "check_mask", "check_state", "resolve_feature_map"]
+__all__ = ["check_mask", "check_qkv", "check_state", "resolve_feature_map"]
 
 
 def _shape(t: torch.Tensor) -> tuple[int, ...]:
