@@ -15,6 +15,8 @@ __all__ = ["__version__", "ntk_attention", "ops", "prefix_attention"]
 # The adapter imports transformers (~3 s), so it loads on first use of one of its names.
 _TUNER_EXPORTS = ("NTKConfig", "NTKModel", "get_ntk_model")
 __all__ += list(_TUNER_EXPORTS)
+_COMPRESS_EXPORTS = ("CompressConfig", "compress_prompt", "convert_prefix")
+__all__ += list(_COMPRESS_EXPORTS)
 
 
 def __getattr__(name: str):
@@ -22,4 +24,8 @@ def __getattr__(name: str):
         from . import tuner
 
         return getattr(tuner, name)
+    if name in _COMPRESS_EXPORTS:
+        from . import compress
+
+        return getattr(compress, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,6 +4,8 @@
     ntk-attention compare --task bbc-news --methods ntk lora prefix
     ntk-attention demo                                       the embedded default comparison
     ntk-attention ops-demo                                   the op alone, no training
+    ntk-attention compress-prompt --model DIR --prompt-file F --output DIR
+    ntk-attention convert-prefix SRC DST --base-model DIR
 
 Bad input (data, model, arguments, an output folder holding another run) ends with one
 ``error:`` line on stderr and exit status 2, before anything is written.
@@ -16,6 +18,8 @@ import os
 import sys
 import time
 from collections.abc import Callable
+
+from . import cli_compress
 
 __all__ = ["COMMANDS", "EXIT_BAD_INPUT", "main"]
 
@@ -219,6 +223,10 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "demo": ("the embedded default: NTK-Attention vs LoRA vs prefix tuning on BBC News "
              "(a few minutes on CPU)", _add_demo, _demo),
     "ops-demo": ("error and speed of a constant-size state vs a long prefix", _add_ops_demo, _ops_demo),
+    "compress-prompt": ("compress a long prompt into a small trained state (an NTK adapter)",
+                        cli_compress.add_compress_prompt, cli_compress.run_compress_prompt),
+    "convert-prefix": ("convert a PEFT prefix-tuning adapter into an NTK adapter",
+                       cli_compress.add_convert_prefix, cli_compress.run_convert_prefix),
 }
 
 
@@ -242,6 +250,12 @@ def _input_errors() -> tuple[type[BaseException], ...]:
         from .train.tasks import DataError
 
         errors += [RunError, DataError, CheckpointError, ModelUnavailableError]
+    if "ntk_attention.compress" in sys.modules:
+        from .compress import CompressError
+        from .models import ModelUnavailableError
+        from .tuner import AdapterLoadError, UnsupportedModelError
+
+        errors += [CompressError, ModelUnavailableError, AdapterLoadError, UnsupportedModelError]
     return tuple(errors)
 
 

@@ -1,0 +1,231 @@
+"""The `compress-prompt` and `convert-prefix` commands (registered in ``cli.COMMANDS``).
+
+    ntk-attention compress-prompt --model DIR --prompt-file F --output DIR [--r N]
+                                  [--feature-map NAME] [--steps N]
+    ntk-attention convert-prefix SRC DST --base-model DIR [--feature-map NAME] [--r N]
+                                 [--steps N]
+
+Both write an NTK adapter (``NTKModel.from_pretrained(base, DIR)`` loads it) and a JSON record
+of the run beside it (compression.json / conversion.json). ``--model``/``--base-model`` take a
+local model directory or a name from ``ntk_attention.models.MODEL_PATHS`` (e.g.
+``smollm2-135m``). Nothing heavy is imported until a command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "add_compress_prompt",
+    "add_convert_prefix",
+    "run_compress_prompt",
+    "run_convert_prefix",
+]
+
+
+def _add_state_arguments(parser: argparse.ArgumentParser) -> None:
+    state = parser.add_argument_group("state")
+    state.add_argument("--feature-map", default="exp", choices=["exp", "elu", "favor", "taylor"],
+                       help="exp: r trained virtual tokens; elu: linear-attention state with an "
+                       "exact sink (default: %(default)s)")
+    state.add_argument("--r", type=int, help="exp/favor: feature dimension (default: the "
+                       "largest that fits --memory-fraction)")
+    state.add_argument("--memory-fraction", type=float, default=1 / 8, metavar="F",
+                       help="state size / the prefix's KV cache, every tensor counted "
+                       "(default: 1/8)")
+    state.add_argument("--sink", type=int, help="first tokens kept exactly (default: 1 for exp "
+                       "and elu, 0 otherwise)")
+    train = parser.add_argument_group("distillation")
+    train.add_argument("--steps", type=int, help="layer-wise steps (default: 200)")
+    train.add_argument("--e2e-steps", type=int, default=0, help="end-to-end KL steps after the "
+                       "layer-wise stage (default: 0)")
+    train.add_argument("--seed", type=int, default=0)
+    run = parser.add_argument_group("run")
+    run.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
+    run.add_argument("--threads", type=int, metavar="N", help="torch CPU threads")
+    run.add_argument("--overwrite", action="store_true", help="replace an adapter in the output")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def add_compress_prompt(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, metavar="DIR",
+                        help="local causal LM directory, or a name such as smollm2-135m")
+    parser.add_argument("--prompt-file", required=True, metavar="FILE", help="UTF-8 text")
+    parser.add_argument("--output", required=True, metavar="DIR")
+    _add_state_arguments(parser)
+
+
+def add_convert_prefix(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", metavar="SRC", help="PEFT prefix-tuning adapter directory")
+    parser.add_argument("output", metavar="DST", help="where the NTK adapter is written")
+    parser.add_argument("--base-model", required=True, metavar="DIR",
+                        help="the adapter's base model: local directory or a name")
+    parser.add_argument("--data", metavar="FILE", help="UTF-8 text to distil on (default: "
+                        "continuations the prefixed model samples)")
+    parser.add_argument("--no-base-check", action="store_true",
+                        help="accept a base model whose name differs from the adapter's record")
+    _add_state_arguments(parser)
+
+
+def _config(args: argparse.Namespace):
+    from .compress import CompressConfig
+
+    changes: dict[str, Any] = {
+        "feature_map": args.feature_map, "r": args.r, "memory_fraction": args.memory_fraction,
+        "sink": args.sink, "e2e_steps": args.e2e_steps,
+    }
+    if args.steps is not None:
+        changes["steps"] = args.steps
+    return CompressConfig(**changes)
+
+
+def _prepare(args: argparse.Namespace, output: str) -> None:
+    from .compress import CompressError
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    target = Path(output)
+    if (target / "adapter_config.json").exists() and not args.overwrite:
+        raise CompressError(f"{target} already holds an adapter; pass --overwrite to replace it")
+    if target.exists() and not target.is_dir():
+        raise CompressError(f"output {target} exists and is not a directory")
+
+
+def _load_model(location: str, device: str, flag: str):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .compress import CompressError
+    from .models import MODEL_PATHS
+
+    path = Path(location)
+    if not path.is_dir():
+        if location not in MODEL_PATHS:
+            raise CompressError(
+                f"{flag} {location!r} is neither a directory nor a known model name "
+                f"({', '.join(sorted(MODEL_PATHS))})"
+            )
+        path = MODEL_PATHS[location]()
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, attn_implementation="sdpa", dtype=torch.float32
+        )
+    except (OSError, ValueError, KeyError) as err:
+        raise CompressError(f"cannot load a causal language model from {flag} {path}: {err}") from err
+    return model.to(device).eval(), tokenizer, str(path)
+
+
+def _read_text(path: str, flag: str) -> str:
+    from .compress import CompressError
+
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise CompressError(f"cannot read {flag} {path}: {err}") from err
+
+
+def _record(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
+    import peft
+    import torch
+    import transformers
+
+    from . import __version__
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False,
+                                cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {
+        "command": "ntk-attention " + " ".join(sys.argv[1:]) if sys.argv else None,
+        "git_commit": commit,
+        "versions": {"ntk_attention": __version__, "torch": torch.__version__,
+                     "transformers": transformers.__version__, "peft": peft.__version__,
+                     "python": platform.python_version()},
+        "hardware": {"machine": platform.machine(), "processor": platform.processor() or None,
+                     "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                     "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
+        **extra,
+    }
+
+
+def _write_json(path: Path, document: dict[str, Any]) -> None:
+    from .tuner.save_load import atomic_write
+
+    text = json.dumps(document, indent=2) + "\n"
+    atomic_write(path, lambda p: Path(p).write_text(text))
+
+
+def run_compress_prompt(args: argparse.Namespace) -> int:
+    _prepare(args, args.output)
+    from .compress import compress_prompt
+
+    config = _config(args)
+    prompt = _read_text(args.prompt_file, "--prompt-file")
+    model, tokenizer, model_path = _load_model(args.model, args.device, "--model")
+    ntk = compress_prompt(model, tokenizer, prompt, config=config, seed=args.seed,
+                          progress=not args.no_progress)
+    ntk.save_pretrained(args.output)
+    report = ntk.compression
+    _write_json(Path(args.output) / "compression.json", _record(
+        args, model=model_path, prompt_file=str(args.prompt_file), report=report.to_dict()))
+    losses = report.layer_losses
+    loss = f"layer loss {losses[0]:.4f} -> {losses[-1]:.4f}; " if losses else ""
+    print(
+        f"compressed {report.prefix_tokens} prompt tokens into a {report.feature_map!r} state "
+        f"(r={report.r}{'' if report.rank is None else f', rank={report.rank}'}): "
+        f"{report.state_numel:,} numbers = {report.memory_fraction:.3f} of the prompt's KV cache; "
+        f"{loss}{report.seconds['total']:.0f} s.\n"
+        f"adapter: {args.output} (load with NTKModel.from_pretrained(base_model, "
+        f"{str(args.output)!r}); positions start at {report.prefix_tokens})"
+    )
+    return 0
+
+
+def run_convert_prefix(args: argparse.Namespace) -> int:
+    _prepare(args, args.output)
+    from .compress import convert_prefix
+
+    config = _config(args)
+    model, tokenizer, model_path = _load_model(args.base_model, args.device, "--base-model")
+    inputs = None
+    if args.data:
+        text = _read_text(args.data, "--data")
+        inputs = [part for part in text.split("\n\n") if part.strip()]
+    ntk = convert_prefix(args.source, model, tokenizer=tokenizer, inputs=inputs, config=config,
+                         seed=args.seed, check_base_model=not args.no_base_check,
+                         progress=not args.no_progress)
+    ntk.save_pretrained(args.output)
+    conversion, report = ntk.conversion, ntk.compression
+    _write_json(Path(args.output) / "conversion.json", _record(
+        args, base_model=model_path, source=str(args.source), conversion=conversion,
+        report=report.to_dict()))
+    held, speed = conversion["held_out"], conversion["forward_seconds"]
+    print(
+        f"converted a {report.prefix_tokens}-token PEFT prefix into a {report.feature_map!r} "
+        f"state (r={report.r}): {report.state_numel:,} numbers = "
+        f"{report.memory_fraction:.3f} of the prefix's KV cache.\n"
+        f"held-out agreement with the PEFT model ({held['rows']} x {held['tokens']} sampled "
+        f"tokens): KL {held['kl']:.4f}, top-1 {held['top1']:.3f}\n"
+        f"forward (batch 1, {speed['tokens']} tokens): PEFT prefix {speed['peft_prefix'] * 1e3:.1f}"
+        f" ms, NTK {speed['ntk'] * 1e3:.1f} ms; {report.seconds['total']:.0f} s in all.\n"
+        f"adapter: {args.output}"
+    )
+    return 0

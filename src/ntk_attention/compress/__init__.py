@@ -1,0 +1,24 @@
+"""Compress a long prompt, or convert a trained PEFT prefix, into a small *trained*
+NTK-Attention state (DESIGN.md section 7: closed form is an initialisation, not a conversion).
+
+    compress_prompt(model, tokenizer, prompt)    prompt.py
+    convert_prefix(adapter_dir, base_model)      prefix.py
+    CompressConfig                               config.py (state size, init, distillation)
+
+Inside: teacher.py (the prefix in the model's cache, sampled inputs, per-layer capture),
+select.py (which prompt tokens to keep: by attention mass, sink + recent, SnapKV), state.py
+(sizing to a memory budget, initialisation), distill.py (layer-wise and end-to-end).
+"""
+
+from .config import CompressConfig, CompressError
+from .prefix import convert_prefix, read_peft_prefix
+from .prompt import CompressionReport, compress_prompt
+
+__all__ = [
+    "CompressConfig",
+    "CompressError",
+    "CompressionReport",
+    "compress_prompt",
+    "convert_prefix",
+    "read_peft_prefix",
+]

@@ -1,0 +1,160 @@
+"""CompressConfig: how a prompt or a prefix is turned into a state (which feature map, how big,
+how it starts, how long it is distilled), and the sizing rule that keeps the state within a
+fraction of the prefix's KV cache.
+
+Size is counted in stored numbers, every tensor the adapter adds (parameters and buffers, all
+layers), against the prefix's KV cache: 2 x layers x KV heads x head dim x m numbers.
+
+    exp       r virtual tokens: W [r, D], b [r], Z [r, D], kappa [r] per KV head -> r (2D + 2)
+    elu       the paper's map (r = D); with ``sink`` > 0 the adapter's map is "elu+exp":
+              D ELU features plus ``sink`` exact tokens, Z low-rank when dense does not fit
+    favor     r random features (the projection [r, D] is a buffer and counts)
+    taylor    r = 1 + D + D^2, fixed: larger than the KV cache of any prompt under ~2100 tokens
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+__all__ = ["FEATURE_MAPS", "INITS", "CompressConfig", "CompressError"]
+
+# Feature maps a prompt can be compressed with, and the initialisation each uses by default.
+FEATURE_MAPS = {"exp": "select", "elu": "zeros", "favor": "closed_form", "taylor": "closed_form"}
+# select: the prompt's own keys/values chosen by attention mass (exp only); closed_form:
+# Z = sum phi(k_i) v_i^T, kappa = sum phi(k_i) over the prompt; zeros: Z = 0, kappa = 0
+# (the prompt dropped). The first ``sink`` tokens are kept exactly with every init.
+INITS = ("auto", "select", "closed_form", "zeros")
+
+
+class CompressError(ValueError):
+    """A prompt, prefix, model or setting that cannot be compressed (the message says why)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CompressConfig:
+    """Settings of :func:`compress_prompt` and :func:`convert_prefix`.
+
+    State:
+      feature_map      "exp" (r trained virtual tokens), "elu" (linear-attention state),
+                       "favor" or "taylor" (closed-form kernel approximations).
+      r                exp/favor: feature dimension; None = the largest that fits
+                       ``memory_fraction``. elu/taylor fix r themselves.
+      rank             low-rank Z (s); None = dense, or for elu the largest rank that fits.
+      memory_fraction  the state's size as a fraction of the prefix's KV cache (every tensor
+                       counted); None = no limit (r and rank must then be given or natural).
+      sink             the first ``sink`` prompt tokens are kept exactly (the attention sink);
+                       None = 1 for exp and elu, 0 for favor and taylor (no exact tokens).
+      init             "auto" (exp: select, elu: zeros, favor/taylor: closed_form) or one of
+                       INITS.
+    Distillation inputs (never the evaluation text):
+      samples, sample_length, top_p, temperature
+                       continuations the model samples after the prompt.
+      rereads          windows of ``sample_length`` prompt tokens read again after the prompt.
+    Layer-wise distillation (attention-output matching, all layers at once):
+      steps, lr, batch_size (rows per step; None = all).
+    End-to-end distillation (KL on the logits of the same inputs, after the layer-wise stage):
+      e2e_steps (0 = off), e2e_lr, e2e_batch_size.
+    """
+
+    feature_map: str = "exp"
+    r: int | None = None
+    rank: int | None = None
+    memory_fraction: float | None = 1 / 8
+    sink: int | None = None
+    init: str = "auto"
+    samples: int = 8
+    sample_length: int = 64
+    top_p: float = 0.95
+    temperature: float = 1.0
+    rereads: int = 4
+    steps: int = 200
+    lr: float = 1e-2
+    batch_size: int | None = 4
+    e2e_steps: int = 0
+    e2e_lr: float = 1e-3
+    e2e_batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        if self.feature_map not in FEATURE_MAPS:
+            raise CompressError(
+                f"feature_map must be one of {sorted(FEATURE_MAPS)}, got {self.feature_map!r}"
+            )
+        _positive_int("r", self.r, optional=True)
+        _positive_int("rank", self.rank, optional=True)
+        if self.r is not None and self.feature_map in ("elu", "taylor"):
+            raise CompressError(
+                f"feature_map {self.feature_map!r} fixes its own r (elu: head dim, taylor: "
+                f"1 + D + D^2); got r={self.r}: use feature_map 'exp' or 'favor' to choose r"
+            )
+        if self.memory_fraction is not None and not (
+            isinstance(self.memory_fraction, (int, float))
+            and math.isfinite(self.memory_fraction)
+            and self.memory_fraction > 0
+        ):
+            raise CompressError(
+                f"memory_fraction must be a number > 0 or None, got {self.memory_fraction!r}"
+            )
+        if self.sink is not None:
+            _non_negative_int("sink", self.sink)
+        if self.init not in INITS:
+            raise CompressError(f"init must be one of {INITS}, got {self.init!r}")
+        if self.resolved_init == "select" and self.feature_map != "exp":
+            raise CompressError(
+                f"init 'select' copies prompt tokens into virtual tokens: it needs feature_map "
+                f"'exp', got {self.feature_map!r}"
+            )
+        if self.resolved_init == "closed_form" and self.feature_map == "exp":
+            raise CompressError(
+                "init 'closed_form' is for kernel feature maps (elu, favor, taylor); with "
+                "feature_map 'exp' copy the prompt's tokens in with init 'select'"
+            )
+        if self.feature_map in ("favor", "taylor") and self.resolved_sink:
+            raise CompressError(
+                f"an exact sink needs exponential features: use sink=0 with feature_map "
+                f"{self.feature_map!r} (or feature_map 'exp' / 'elu')"
+            )
+        _positive_int("samples", self.samples)
+        _positive_int("sample_length", self.sample_length)
+        if not 0 < self.top_p <= 1:
+            raise CompressError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not self.temperature > 0:
+            raise CompressError(f"temperature must be > 0, got {self.temperature!r}")
+        _non_negative_int("rereads", self.rereads)
+        _non_negative_int("steps", self.steps)
+        _non_negative_int("e2e_steps", self.e2e_steps)
+        for name in ("lr", "e2e_lr"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise CompressError(f"{name} must be a number > 0, got {value!r}")
+        _positive_int("batch_size", self.batch_size, optional=True)
+        _positive_int("e2e_batch_size", self.e2e_batch_size)
+
+    @property
+    def resolved_init(self) -> str:
+        return FEATURE_MAPS[self.feature_map] if self.init == "auto" else self.init
+
+    @property
+    def resolved_sink(self) -> int:
+        if self.sink is not None:
+            return self.sink
+        return 1 if self.feature_map in ("exp", "elu") else 0
+
+    def replace(self, **changes: Any) -> CompressConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _positive_int(name: str, value: Any, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise CompressError(f"{name} must be a positive int, got {name}={value!r}")
+
+
+def _non_negative_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise CompressError(f"{name} must be an int >= 0, got {name}={value!r}")

@@ -1,0 +1,179 @@
+"""Distil a prefix (the teacher: the model reading it from its cache) into a state (the
+student: the model with an NTK-Attention adapter and no prefix).
+
+Layer-wise: every attention layer is trained on its own to reproduce the teacher's attention
+output from the teacher's queries, keys and values (the inputs are the teacher's, so layers do
+not wait for one another). All layers train at once in one op call: layer l's KV head h becomes
+KV head l * Hkv + h of one wide attention, whose state stacks the layers' states. The loss is the
+mean over layers of ||out - teacher||^2 / ||teacher||^2, so every layer counts alike.
+
+End to end (optional, after the layer-wise stage): KL(teacher || student) of the next-token
+distributions on the same inputs, through the whole adapted model.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..ops import get_feature_map, nonnegative, ntk_attention
+from ..tuner import NTKModel
+from ..tuner.layer import STATE_ATTR
+from .config import CompressError
+from .teacher import DistillData, attention_layers
+
+__all__ = ["distil_end_to_end", "distil_layers", "layer_losses"]
+
+
+def _relative_errors(out: torch.Tensor, target: torch.Tensor, layers: int) -> torch.Tensor:
+    """[n, layers * Hq, L, D] twice -> [layers] ||out - target||^2 / ||target||^2."""
+    shape = (out.shape[0], layers, -1, *out.shape[2:])
+    diff = (out - target).reshape(shape).square().sum(dim=(0, 2, 3, 4))
+    norm = target.reshape(shape).square().sum(dim=(0, 2, 3, 4)).clamp_min(1e-30)
+    return diff / norm
+
+
+class _StackedState(torch.nn.Module):
+    """Every layer's state of one adapter as one state over layers * Hkv KV heads."""
+
+    def __init__(self, ntk: NTKModel, adapter_name: str) -> None:
+        super().__init__()
+        layers, g = attention_layers(ntk.base_model)
+        self.layers, self.geometry = len(layers), g
+        self.adapter_name = adapter_name
+        self.states = [module._modules[STATE_ATTR] for _, module in layers]
+        config = ntk.peft_config[adapter_name]
+        heads = self.layers * g.kv_heads
+        self.feature_map = get_feature_map(
+            config.feature_map, g.head_dim, r=config.resolve_r(g.head_dim), scale=g.scale,
+            seed=config.seed, kv_heads=heads,
+        )
+        per_layer = [s.adapter_tensors(adapter_name) for s in self.states]
+        self.tensors = torch.nn.ParameterDict()
+        with torch.no_grad():
+            for key in per_layer[0]:
+                stacked = torch.stack([t[key] for t in per_layer]).float()
+                if key.startswith("ntk_feature_map."):
+                    name = key.removeprefix("ntk_feature_map.")
+                    if name in dict(self.feature_map.named_parameters()):
+                        target = self.feature_map.get_parameter(name)
+                        if stacked.shape[1] != g.kv_heads:
+                            raise CompressError(f"cannot stack feature-map parameter {name!r} per KV head")
+                        target.copy_(stacked.reshape(target.shape))
+                    else:  # a buffer (favor's projection): the same in every layer
+                        target = self.feature_map.get_buffer(name)
+                        if not all(torch.equal(stacked[0], other) for other in stacked[1:]):
+                            raise CompressError(f"feature-map buffer {name!r} differs between layers")
+                        target.copy_(stacked[0])
+                else:
+                    self.tensors[key] = torch.nn.Parameter(
+                        stacked.reshape(heads, *stacked.shape[2:])
+                    )
+        self.feature_map.to(per_layer[0]["ntk_kappa"].device)
+
+    def forward(self, q, k, v, implementation: str = "fused") -> torch.Tensor:
+        t = self.tensors
+        z = t["ntk_z"] if "ntk_z" in t else (t["ntk_z_a"], t["ntk_z_b"])
+        return ntk_attention(
+            q, k, v, z, nonnegative(t["ntk_kappa"]),
+            feature_map=self.feature_map, is_causal=True, scale=self.geometry.scale,
+            state_log_scale=t.get("ntk_log_scale", None),
+            implementation=implementation,
+        )
+
+    @torch.no_grad()
+    def write_back(self) -> None:
+        """Copy the trained stack into the layers' states."""
+        feature_params = dict(self.feature_map.named_parameters())
+        for layer, state in enumerate(self.states):
+            params = state.adapter_parameters(self.adapter_name)
+            for key, param in params.items():
+                if key.startswith("ntk_feature_map."):
+                    source = feature_params[key.removeprefix("ntk_feature_map.")]
+                else:
+                    source = self.tensors[key]
+                per_layer = source.reshape(self.layers, *param.shape)[layer]
+                param.copy_(per_layer.to(param))
+
+
+def layer_losses(ntk: NTKModel, data: DistillData, adapter_name: str = "default") -> torch.Tensor:
+    """[layers] relative error of each layer's attention output against the teacher's."""
+    stack = _StackedState(ntk, adapter_name)
+    with torch.no_grad():
+        out = stack(data.queries, data.keys, data.values)
+    return _relative_errors(out, data.outputs, stack.layers)
+
+
+def distil_layers(
+    ntk: NTKModel,
+    data: DistillData,
+    *,
+    steps: int,
+    lr: float,
+    batch_size: int | None,
+    generator: torch.Generator,
+    adapter_name: str = "default",
+    progress: bool = True,
+) -> list[float]:
+    """Layer-wise distillation with Adam; returns the loss before each step and after the last."""
+    from tqdm.auto import tqdm
+
+    stack = _StackedState(ntk, adapter_name)
+    params = [p for p in stack.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=lr)
+    rows = data.rows
+    batch = rows if batch_size is None else min(batch_size, rows)
+    losses = []
+    bar = tqdm(range(steps), desc="layer-wise distillation", disable=not progress)
+    for _ in bar:
+        index = torch.randperm(rows, generator=generator)[:batch] if batch < rows else slice(None)
+        out = stack(data.queries[index], data.keys[index], data.values[index])
+        loss = _relative_errors(out, data.outputs[index], stack.layers).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    with torch.no_grad():
+        out = stack(data.queries, data.keys, data.values)
+        losses.append(_relative_errors(out, data.outputs, stack.layers).mean().item())
+    stack.write_back()
+    return losses
+
+
+def distil_end_to_end(
+    ntk: NTKModel,
+    data: DistillData,
+    *,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    generator: torch.Generator,
+    progress: bool = True,
+) -> list[float]:
+    """KL(teacher || student) on the next-token distributions of ``data.input_ids``; trains the
+    active adapter. Returns the loss of each step."""
+    from tqdm.auto import tqdm
+
+    if data.log_probs is None:
+        raise CompressError("end-to-end distillation needs the teacher's log-probabilities")
+    params = [p for p in ntk.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=lr)
+    rows = data.rows
+    batch = min(batch_size, rows)
+    losses = []
+    bar = tqdm(range(steps), desc="end-to-end distillation", disable=not progress)
+    for _ in bar:
+        index = torch.randperm(rows, generator=generator)[:batch]
+        logits = ntk(input_ids=data.input_ids[index]).logits.float()
+        loss = kl_divergence(data.log_probs[index], torch.log_softmax(logits, -1)).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        bar.set_postfix(kl=f"{losses[-1]:.4f}")
+    return losses
+
+
+def kl_divergence(teacher_log_probs: torch.Tensor, student_log_probs: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) per position: [..., V] twice -> [...]."""
+    return (teacher_log_probs.exp() * (teacher_log_probs - student_log_probs)).sum(-1)

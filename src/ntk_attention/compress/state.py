@@ -1,0 +1,190 @@
+"""The state a prefix is compressed into: its adapter config sized to a memory budget, and its
+initial values written into an :class:`NTKModel`.
+
+Sizing counts every tensor the adapter stores (parameters and buffers) by building one layer's
+state and counting it, so the count cannot drift from what ``save_pretrained`` writes.
+
+Initialisation, per layer and KV head (a state is attention over virtual tokens plus, for
+kernel maps, a linear-attention part):
+
+    exp       slot i = prompt token idx_i exactly: W_i = k_idx, b_i = 0, kappa_i = 1, Z_i = v_idx
+              (idx: the sink, then by attention mass); spare slots get kappa = 0
+    elu       ELU part: 0 ("zeros") or the closed form over the non-sink tokens; the exp part
+              ("elu+exp") holds the sink tokens exactly
+    favor/taylor  closed form Z = sum phi(k_i) v_i^T, kappa = sum phi(k_i) (or zeros)
+
+A low-rank Z = Z_A Z_B is set from the dense one by a truncated SVD (exact when its rank
+allows); directions with a zero singular value get a random Z_A column and a zero Z_B row, so
+both factors train (as LoRA's A and B).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+
+from ..ops import EluFeatureMap, prefix_to_state
+from ..tuner import NTKConfig, NTKModel
+from ..tuner.layer import STATE_ATTR, Geometry, NTKState
+from .config import CompressConfig, CompressError
+from .select import by_mass
+from .teacher import PrefixKV, attention_layers
+
+__all__ = ["adapter_numel", "initialise", "ntk_config_for"]
+
+
+def adapter_numel(config: NTKConfig, geometry: Geometry, layers: int) -> int:
+    """Numbers the adapter stores for ``layers`` layers of this geometry (parameters + buffers)."""
+    state = NTKState(geometry)
+    state.add_adapter("size", config, torch.device("cpu"))
+    return layers * sum(t.numel() for t in state.adapter_tensors("size").values())
+
+
+def ntk_config_for(
+    config: CompressConfig, prefix: PrefixKV, seed: int = 0
+) -> NTKConfig:
+    """The adapter config for compressing ``prefix`` as ``config`` says, within its budget."""
+    g, layers, m = prefix.geometry, prefix.layers, prefix.length
+    sink = config.resolved_sink
+    base = {"position_offset": prefix.position_offset, "seed": seed}
+    if config.feature_map == "elu":
+        name, r = ("elu+exp", g.head_dim + sink) if sink else ("elu", None)
+    elif config.feature_map == "exp" and config.r is None and config.memory_fraction is None:
+        name, r = "exp", m  # no limit: every prompt token (the exact prefix)
+    else:
+        name, r = config.feature_map, config.r
+    budget = None
+    if config.memory_fraction is not None:
+        budget = int(config.memory_fraction * prefix.kv_cache_numel())
+
+    def size(**changes) -> int:
+        return adapter_numel(NTKConfig(feature_map=name, **{**base, "r": r, "rank": config.rank, **changes}), g, layers)
+
+    if budget is not None and r is None and name in ("exp", "favor"):
+        r = _largest(lambda value: size(r=value), budget, f"one {name} feature")
+        if name == "exp" and r < sink:
+            raise CompressError(
+                f"memory_fraction={config.memory_fraction} leaves room for {r} virtual tokens, "
+                f"fewer than sink={sink}: raise memory_fraction or lower sink"
+            )
+    rank = config.rank
+    if budget is not None and rank is None and name in ("elu", "elu+exp") and size() > budget:
+        rank = _largest(lambda value: size(rank=value), budget, "a rank-1 Z")
+    ntk_config = NTKConfig(feature_map=name, r=r, rank=rank, **base)
+    total = adapter_numel(ntk_config, g, layers)
+    if budget is not None and total > budget and config.r is None and config.rank is None:
+        raise CompressError(
+            f"a {name!r} state takes {total:,} numbers = {total / prefix.kv_cache_numel():.3g} of "
+            f"the prefix's KV cache ({prefix.kv_cache_numel():,}); memory_fraction="
+            f"{config.memory_fraction} allows {budget:,}. Pass memory_fraction=None to use it anyway"
+        )
+    return ntk_config
+
+
+def _largest(size_of, budget: int, what: str) -> int:
+    """The largest n >= 1 with size_of(n) <= budget (size_of is affine in n)."""
+    one, two = size_of(1), size_of(2)
+    if one > budget:
+        raise CompressError(
+            f"the memory budget ({budget:,} numbers) is smaller than {what} needs ({one:,}): "
+            "raise memory_fraction"
+        )
+    step = two - one
+    n = 1 + (budget - one) // step if step > 0 else 1
+    while n > 1 and size_of(n) > budget:  # guard against any non-affine term
+        n -= 1
+    return n
+
+
+@torch.no_grad()
+def initialise(
+    ntk: NTKModel,
+    prefix: PrefixKV,
+    config: CompressConfig,
+    mass: torch.Tensor | None,
+    adapter_name: str = "default",
+    selection: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Write the initial state of ``adapter_name`` (see the module docstring). ``mass``
+    [layers, Hkv, m] ranks the prompt's tokens for exp's "select"; ``selection`` [layers, Hkv,
+    n] overrides the choice. Returns the exactly kept token indices [layers, Hkv, n]."""
+    layers, g = attention_layers(ntk.base_model)
+    ntk_config = ntk.peft_config[adapter_name]
+    name = ntk_config.feature_map
+    r = ntk_config.resolve_r(g.head_dim)
+    init, sink, m = config.resolved_init, config.resolved_sink, prefix.length
+    if len(layers) != prefix.layers:
+        raise CompressError(f"the prefix has {prefix.layers} layers, the model {len(layers)}")
+
+    exact_slots = {"exp": (0, r), "elu+exp": (g.head_dim, r)}.get(name, (0, 0))
+    slot_count = exact_slots[1] - exact_slots[0]
+    if selection is None:
+        if name == "exp" and init == "select":
+            if mass is None:
+                raise CompressError("init 'select' needs the attention mass of the prompt's tokens")
+            selection = by_mass(mass, slot_count, sink)
+        else:
+            kept = torch.arange(min(sink, m, slot_count))
+            selection = kept.expand(prefix.layers, g.kv_heads, -1)
+    if selection.shape[-1] > slot_count:
+        raise CompressError(
+            f"{selection.shape[-1]} exact tokens do not fit the {slot_count} exponential slots "
+            f"of a {name!r} state with r={r}"
+        )
+
+    for layer, (_, module) in enumerate(layers):
+        state: NTKState = module._modules[STATE_ATTR]
+        params = state.adapter_parameters(adapter_name)
+        keys = prefix.keys[layer].float().cpu()  # [Hkv, m, D]
+        values = prefix.values[layer].float().cpu()
+        z = torch.zeros(g.kv_heads, r, g.head_dim)
+        kappa = torch.zeros(g.kv_heads, r)
+        if init == "closed_form":
+            if name in ("elu", "elu+exp"):
+                rest = torch.arange(selection.shape[-1], m) if name == "elu+exp" else torch.arange(m)
+                elu = EluFeatureMap(g.head_dim, scale=g.scale)
+                z_elu, kappa_elu = prefix_to_state(keys[:, rest], values[:, rest], elu)
+                z[:, : g.head_dim], kappa[:, : g.head_dim] = z_elu, kappa_elu
+            else:
+                phi = copy.deepcopy(state.ntk_feature_map[adapter_name]).cpu().float()
+                z, kappa = prefix_to_state(keys, values, phi)
+        index = selection[layer].cpu()  # [Hkv, n]
+        n = index.shape[-1]
+        if n:
+            gather = index.unsqueeze(-1).expand(-1, -1, g.head_dim)
+            start = exact_slots[0]
+            z[:, start : start + n] = values.gather(1, gather)
+            kappa[:, start : start + n] = 1.0
+            prefix_name = "ntk_feature_map." + ("exp." if name == "elu+exp" else "")
+            weight, bias = params[prefix_name + "weight"], params[prefix_name + "bias"]
+            weight[:, :n] = keys.gather(1, gather).to(weight)
+            bias.zero_()
+        _write_z(params, z, ntk_config, seed=ntk_config.seed * 7919 + layer)
+        params["ntk_kappa"].copy_(kappa.to(params["ntk_kappa"]))
+    return selection
+
+
+def _write_z(params: dict, z: torch.Tensor, config: NTKConfig, seed: int) -> None:
+    if "ntk_z" in params:
+        params["ntk_z"].copy_(z.to(params["ntk_z"]))
+        return
+    rank = config.rank
+    u, s, vh = torch.linalg.svd(z.double(), full_matrices=False)  # [H, r, k], [H, k], [H, k, D]
+    u, s, vh = u[..., :rank], s[..., :rank], vh[..., :rank, :]
+    keep = min(rank, s.shape[-1])
+    z_a = torch.zeros(z.shape[0], z.shape[1], rank, dtype=torch.float64)
+    z_b = torch.zeros(z.shape[0], rank, z.shape[2], dtype=torch.float64)
+    root = s.clamp_min(0).sqrt()
+    z_a[..., :keep] = u * root.unsqueeze(-2)
+    z_b[..., :keep, :] = vh * root.unsqueeze(-1)
+    # Zero directions (and ranks beyond min(r, D)): random Z_A column, zero Z_B row.
+    dead = torch.ones(z.shape[0], rank, dtype=torch.bool)
+    dead[..., :keep] = s <= s.amax(-1, keepdim=True).clamp_min(1e-30) * 1e-12
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(z_a.shape, generator=generator, dtype=torch.float64) / math.sqrt(z.shape[1])
+    z_a = torch.where(dead.unsqueeze(-2), noise, z_a)
+    z_b = torch.where(dead.unsqueeze(-1), torch.zeros_like(z_b), z_b)
+    params["ntk_z_a"].copy_(z_a.to(params["ntk_z_a"]))
+    params["ntk_z_b"].copy_(z_b.to(params["ntk_z_b"]))

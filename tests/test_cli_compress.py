@@ -1,0 +1,117 @@
+"""The compress-prompt and convert-prefix commands on a tiny model directory (random weights,
+a character tokenizer): outputs load with NTKModel.from_pretrained and generate; bad input
+ends with one error line and exit status 2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import PrefixTuningConfig, get_peft_model
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from ntk_attention.cli import EXIT_BAD_INPUT, main
+from ntk_attention.testing_models import ARCHITECTURES
+from ntk_attention.tuner import NTKModel
+
+pytestmark = [
+    pytest.mark.usefixtures("single_thread"),
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+]
+
+FAST = ["--steps", "3", "--no-progress", "--threads", "1"]
+
+
+def _char_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per printable ASCII character (ids 3..96), fitting the tiny models' vocab."""
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{chr(32 + i): 3 + i for i in range(94)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", unk_token="<pad>")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    ARCHITECTURES["llama"].build().save_pretrained(path)
+    _char_tokenizer().save_pretrained(path)
+    return path
+
+
+def _load(model_dir):
+    return AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa").eval()
+
+
+def test_compress_prompt_writes_an_adapter_that_loads_and_generates(model_dir, tmp_path, capsys):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("The quick brown fox jumps over the lazy dog. " * 3)
+    out = tmp_path / "state"
+    code = main(["compress-prompt", "--model", str(model_dir), "--prompt-file", str(prompt),
+                 "--output", str(out), "--r", "8", *FAST])
+    assert code == 0
+    assert "compressed 135 prompt tokens" in capsys.readouterr().out
+    record = json.loads((out / "compression.json").read_text())
+    assert record["report"]["r"] == 8 and record["report"]["prefix_tokens"] == 135
+    assert record["versions"]["torch"] == torch.__version__
+    ntk = NTKModel.from_pretrained(_load(model_dir), out)
+    tokenizer = _char_tokenizer()
+    ids = tokenizer("Quick", return_tensors="pt")["input_ids"]
+    generated = ntk.generate(input_ids=ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert generated.shape == (1, 9)
+    # Running again into the same folder needs --overwrite.
+    again = ["compress-prompt", "--model", str(model_dir), "--prompt-file", str(prompt),
+             "--output", str(out), "--r", "8", *FAST]
+    assert main(again) == EXIT_BAD_INPUT
+    assert "already holds an adapter" in capsys.readouterr().err
+    assert main([*again, "--overwrite"]) == 0
+
+
+def test_convert_prefix_writes_an_adapter_that_loads(model_dir, tmp_path, capsys):
+    peft_model = get_peft_model(_load(model_dir), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5))
+    peft_model.save_pretrained(tmp_path / "prefix")
+    out = tmp_path / "ntk"
+    code = main(["convert-prefix", str(tmp_path / "prefix"), str(out), "--base-model", str(model_dir),
+                 "--r", "5", *FAST])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "converted a 5-token PEFT prefix" in printed and "held-out agreement" in printed
+    record = json.loads((out / "conversion.json").read_text())
+    assert record["conversion"]["held_out"]["top1"] == 1.0  # r = m with exp features: exact
+    ntk = NTKModel.from_pretrained(_load(model_dir), out)
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(ntk(input_ids=ids).logits, peft_model(input_ids=ids).logits,
+                                   rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--prompt-file", "{empty}", "--output", "{out}"], "prompt is empty"),
+        (["--prompt-file", "{missing}", "--output", "{out}"], "cannot read --prompt-file"),
+        (["--prompt-file", "{prompt}", "--output", "{out}", "--r", "0"], "r must be a positive int, got r=0"),
+        (["--prompt-file", "{prompt}", "--output", "{out}", "--feature-map", "elu", "--r", "4"],
+         "fixes its own r"),
+    ],
+)
+def test_bad_input_is_one_error_line(model_dir, tmp_path, capsys, argv, message):
+    (tmp_path / "empty.txt").write_text("  \n")
+    (tmp_path / "prompt.txt").write_text("some prompt text")
+    paths = {"empty": tmp_path / "empty.txt", "missing": tmp_path / "nope.txt",
+             "prompt": tmp_path / "prompt.txt", "out": tmp_path / "out"}
+    argv = [a.format(**paths) for a in argv]
+    code = main(["compress-prompt", "--model", str(model_dir), *argv, *FAST])
+    err = capsys.readouterr().err
+    assert code == EXIT_BAD_INPUT
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_an_unknown_model_name_is_named(tmp_path, capsys):
+    (tmp_path / "p.txt").write_text("text")
+    code = main(["compress-prompt", "--model", "no-such-model", "--prompt-file", str(tmp_path / "p.txt"),
+                 "--output", str(tmp_path / "o"), *FAST])
+    assert code == EXIT_BAD_INPUT
+    assert "neither a directory nor a known model name" in capsys.readouterr().err
