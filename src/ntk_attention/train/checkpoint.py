@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import safetensors.torch
 import torch
+from safetensors import SafetensorError
 
 __all__ = [
     "CheckpointError",
@@ -253,8 +254,25 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"checkpoint file {path} is missing")
     try:
         return safetensors.torch.load_file(path)
-    except Exception as error:  # safetensors raises its own error types for torn files
+    except (SafetensorError, OSError, RuntimeError, ValueError) as error:
         raise CheckpointError(f"checkpoint file {path} cannot be read: {error}") from None
+
+
+def _check_optimizer_shapes(
+    path: Path, tensors: Mapping[str, torch.Tensor], optimizer: torch.optim.Optimizer
+) -> None:
+    """Per-parameter optimizer tensors (Adam's moments) must have their parameter's shape:
+    ``load_state_dict`` does not check, and the first step would fail far from the cause."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for name, value in tensors.items():
+        index = name.split(".", 2)[1]
+        if not index.isdigit() or int(index) >= len(params):
+            raise CheckpointError(f"{path}: {name} names no parameter of this optimizer")
+        shape = params[int(index)].shape
+        if value.dim() > 0 and value.shape != shape:  # 0-dim: Adam's step counter
+            raise CheckpointError(
+                f"{path}: {name} has shape {tuple(value.shape)}, its parameter's is {tuple(shape)}"
+            )
 
 
 def load_checkpoint(
@@ -291,10 +309,14 @@ def load_checkpoint(
                     f"{path / 'model.safetensors'}: {name} has shape {tuple(params[name].shape)},"
                     f" the model's is {tuple(param.shape)}"
                 )
+            if not torch.isfinite(params[name]).all():
+                raise CheckpointError(
+                    f"{path / 'model.safetensors'}: {name} holds NaN or infinite values"
+                )
             param.copy_(params[name])
-    optimizer.load_state_dict(
-        _join_optimizer(_load_tensors(path / "optimizer.safetensors"), state["optimizer"])
-    )
+    optimizer_tensors = _load_tensors(path / "optimizer.safetensors")
+    _check_optimizer_shapes(path / "optimizer.safetensors", optimizer_tensors, optimizer)
+    optimizer.load_state_dict(_join_optimizer(optimizer_tensors, state["optimizer"]))
     scheduler.load_state_dict(state["scheduler"])
     restore_rng(_load_tensors(path / "rng.safetensors"), state["rng"])
     return state
