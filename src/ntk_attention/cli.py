@@ -115,6 +115,9 @@ def _add_train_arguments(parser: argparse.ArgumentParser, *, defaults: dict | No
     run.add_argument("--device", default=base["device"], help="auto, cpu or cuda[:i]")
     run.add_argument("--threads", type=int, metavar="N", help="torch CPU threads")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--detect-nonfinite", action="store_true",
+                     help="stop at the first NaN/inf activation, gradient or parameter and name "
+                     "the layer (slower: checks every module output)")
     # Stops a run after N steps as a crash would (no final files): for crash/resume tests.
     run.add_argument("--stop-after-steps", type=int, help=argparse.SUPPRESS)
 
@@ -246,10 +249,11 @@ def _input_errors() -> tuple[type[BaseException], ...]:
     if "ntk_attention.train.loop" in sys.modules:
         from .models import ModelUnavailableError
         from .train.checkpoint import CheckpointError
+        from .train.guards import NonFiniteError
         from .train.loop import RunError
         from .train.tasks import DataError
 
-        errors += [RunError, DataError, CheckpointError, ModelUnavailableError]
+        errors += [RunError, DataError, CheckpointError, NonFiniteError, ModelUnavailableError]
     if "ntk_attention.compress" in sys.modules:
         from .compress import CompressError
         from .models import ModelUnavailableError

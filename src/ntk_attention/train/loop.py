@@ -55,6 +55,9 @@ from .checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from .distributed import local_device
+from .distributed import setup as setup_distributed
+from .guards import NonFiniteGuard
 from .methods import METHODS, MethodError, MethodOptions, build_method, count_parameters
 
 __all__ = [
@@ -97,6 +100,8 @@ class TrainConfig:
     max_steps     stop after this many optimizer steps (None: ``epochs`` full epochs)
     max_train, max_eval   use only the first rows of the (seeded, shuffled) splits
     save_every    a checkpoint every this many steps (0: only after each epoch)
+    detect_nonfinite   stop at the first NaN/inf activation, gradient or parameter, naming it
+                  (guards.py; costs a check per module output)
     image_size    image tasks: side the images are resized to before the model
     """
 
@@ -127,6 +132,7 @@ class TrainConfig:
     save_every: int = 100
     keep_checkpoints: int = 2
     device: str = "auto"
+    detect_nonfinite: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -172,7 +178,9 @@ def _check_int(name: str, value: Any, *, minimum: int) -> None:
 
 
 # Fields a resumed run may change without changing its result.
-_RESUME_MAY_CHANGE = frozenset({"output", "save_every", "keep_checkpoints", "device"})
+_RESUME_MAY_CHANGE = frozenset(
+    {"output", "save_every", "keep_checkpoints", "device", "detect_nonfinite"}
+)
 
 
 # ---------------------------------------------------------------------------------- data
@@ -497,7 +505,7 @@ def prepare(config: TrainConfig, task: Any = None) -> Prepared:
     ``config`` names (tests pass small in-memory tasks)."""
     from transformers import AutoImageProcessor, AutoTokenizer
 
-    device = _resolve_device(config.device)
+    device = _resolve_device(local_device(config.device))  # under torchrun: the rank's GPU
     task = task if task is not None else load_task_data(config)
     kind = KINDS[task.kind]
     label_names = tuple(task.label_names)
@@ -718,6 +726,9 @@ def train(
             return finished
     checkpoint = check_output(output, config, resume)
     run = prepare(config, task)
+    dist = setup_distributed(run.device)  # rank 0 of 1 unless launched by torchrun/accelerate
+    if not dist.is_main:
+        log, progress = (lambda message: None), False
     model, train_rows = run.model, run.splits["train"]
 
     steps_per_epoch = math.ceil(len(train_rows) / config.batch_size)
@@ -753,6 +764,8 @@ def train(
         }
 
     def checkpoint_now() -> None:
+        if not dist.is_main:
+            return
         save_checkpoint(
             output / CHECKPOINTS, step=step, model=model, optimizer=optimizer,
             scheduler=scheduler, trainer_state=trainer_state(), keep=config.keep_checkpoints,
@@ -766,18 +779,25 @@ def train(
 
     bar = tqdm(total=total_steps, initial=step, desc=config.method, disable=not progress,
                dynamic_ncols=True, leave=False)
-    with PeakMemory(run.device) as memory:
+    forward = dist.wrap(model, run.device)  # DDP: all-reduces the gradients in backward
+    guard = NonFiniteGuard(model, enabled=config.detect_nonfinite)
+    with PeakMemory(run.device) as memory, guard:
         model.train()
         while step < total_steps:
             order = epoch_order(len(train_rows), config.seed, epoch)
             batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
             while batch_in_epoch < len(batches) and step < total_steps:
                 tick = time.perf_counter()
-                batch = run.kind.collate([train_rows[i] for i in batches[batch_in_epoch]], run)
-                loss = model(**_to_device(batch, run.device)).loss
+                guard.step = step + 1
+                rows, loss_scale = dist.shard(batches[batch_in_epoch])  # all rows on one process
+                batch = run.kind.collate([train_rows[i] for i in rows], run)
+                loss = forward(**_to_device(batch, run.device)).loss * loss_scale
                 loss.backward()
+                guard.check_gradients()
                 torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
                 optimizer.step()
+                guard.check_parameters()
+                loss = dist.mean(loss)  # the global batch's loss
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step, batch_in_epoch = step + 1, batch_in_epoch + 1
@@ -834,12 +854,14 @@ def train(
         "command": sys.argv,
         "config": config.to_dict(),
     }
-    with atomic_directory(output / ADAPTER) as tmp:
-        model.save_pretrained(tmp)
-        if config.method == "full" and run.tokenizer is not None:
-            run.tokenizer.save_pretrained(tmp)
-    atomic_write_json(output / RESULTS, results)
-    shutil.rmtree(output / CHECKPOINTS, ignore_errors=True)  # the run is complete
+    if dist.is_main:  # every rank holds the same parameters; one writes them
+        with atomic_directory(output / ADAPTER) as tmp:
+            model.save_pretrained(tmp)
+            if config.method == "full" and run.tokenizer is not None:
+                run.tokenizer.save_pretrained(tmp)
+        atomic_write_json(output / RESULTS, results)
+        shutil.rmtree(output / CHECKPOINTS, ignore_errors=True)  # the run is complete
+    dist.barrier()
     return results
 
 
