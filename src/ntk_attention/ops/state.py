@@ -7,11 +7,22 @@ thing they differ in is how the exact softmax part is computed and merged.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 from .feature_maps import FeatureMap, get_feature_map
 
-__all__ = ["MASS_FLOOR", "StateTerms", "nonnegative", "prefix_to_state", "state_terms"]
+__all__ = [
+    "MASS_FLOOR",
+    "StateTerms",
+    "deferred_nonnegative_projection",
+    "nonnegative",
+    "prefix_to_state",
+    "project_nonnegative_grad",
+    "state_terms",
+]
 
 # Floor of phi(q)^T kappa (in the offset's units) in the fused path, so log() is finite and
 # Z keeps its gradient at kappa = 0 (the adapter's initial state). It trades two errors:
@@ -102,7 +113,32 @@ class _NonNegative(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         (theta,) = ctx.saved_tensors
+        if _PROJECTION_DEFERRED:
+            return grad
         return grad * ((theta > 0) | (grad < 0)).to(grad.dtype)
+
+
+# The projection is not linear, so it does not commute with summing gradients: data-parallel
+# training must project the all-reduced gradient, not each rank's (train/distributed.py).
+_PROJECTION_DEFERRED = False
+
+
+@contextlib.contextmanager
+def deferred_nonnegative_projection() -> Iterator[None]:
+    """Within this block, :func:`nonnegative`'s backward passes the gradient unprojected;
+    apply :func:`project_nonnegative_grad` to theta once its gradient is complete."""
+    global _PROJECTION_DEFERRED
+    previous, _PROJECTION_DEFERRED = _PROJECTION_DEFERRED, True
+    try:
+        yield
+    finally:
+        _PROJECTION_DEFERRED = previous
+
+
+def project_nonnegative_grad(theta: torch.Tensor) -> None:
+    """The projection :func:`nonnegative`'s backward applies, on ``theta.grad`` in place."""
+    if theta.grad is not None:
+        theta.grad.masked_fill_((theta <= 0) & (theta.grad > 0), 0)
 
 
 def nonnegative(theta: torch.Tensor) -> torch.Tensor:

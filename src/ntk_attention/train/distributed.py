@@ -13,7 +13,8 @@ DDP averages the gradients over the ranks, so scaling each rank's mean loss by
 ``world_size * rows_on_rank / rows_in_batch`` makes the averaged gradient the gradient of the
 global batch's mean loss: the same update as one process with the whole batch (exactly for
 per-row mean losses such as classification; for token-mean language-model losses up to the
-rank's share of tokens). A rank whose part is empty (a last batch smaller than the world) runs
+rank's share of tokens). The projected gradient of kappa >= 0 (ops.nonnegative) is not linear,
+so it is applied once to the all-reduced gradient (``backward``), not per rank. A rank whose part is empty (a last batch smaller than the world) runs
 one row with scale 0, since every rank must take part in the gradient all-reduce.
 
 Every rank loads the model, evaluates and holds identical parameters; only rank 0 writes
@@ -68,6 +69,20 @@ class Distributed:
 
         device_ids = [device.index] if device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=device_ids)
+
+    def backward(self, loss: torch.Tensor, model: nn.Module) -> None:
+        """``loss.backward()``; distributed, kappa's projected gradient (ops.nonnegative) is
+        projected after DDP's all-reduce, as one process would project the whole batch's."""
+        if not self.enabled:
+            loss.backward()
+            return
+        from ..ops.state import deferred_nonnegative_projection, project_nonnegative_grad
+
+        with deferred_nonnegative_projection():
+            loss.backward()
+        for name, param in model.named_parameters():
+            if ".ntk_kappa." in name and param.requires_grad:
+                project_nonnegative_grad(param)
 
     def mean(self, value: torch.Tensor) -> torch.Tensor:
         """The mean of ``value`` over the ranks (for logging the global batch's loss)."""

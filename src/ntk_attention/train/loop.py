@@ -792,7 +792,7 @@ def train(
                 rows, loss_scale = dist.shard(batches[batch_in_epoch])  # all rows on one process
                 batch = run.kind.collate([train_rows[i] for i in rows], run)
                 loss = forward(**_to_device(batch, run.device)).loss * loss_scale
-                loss.backward()
+                dist.backward(loss, model)
                 guard.check_gradients()
                 torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
                 optimizer.step()
