@@ -81,6 +81,8 @@ def _add_train_arguments(parser: argparse.ArgumentParser, *, defaults: dict | No
                       "(default: the task's model)")
     data.add_argument("--data", metavar="FILE", help="CSV/JSONL file: text,label (classification),"
                       " prompt,completion (generation) or text (causal-lm)")
+    data.add_argument("--trust-remote-code", action="store_true",
+                      help="let --model run its own Python code (off: see SECURITY.md)")
     data.add_argument("--max-train", type=int, default=base["max_train"], metavar="N",
                       help="use the first N training rows (seeded shuffle)")
     data.add_argument("--max-eval", type=int, default=base["max_eval"], metavar="N",

@@ -102,6 +102,8 @@ class TrainConfig:
     save_every    a checkpoint every this many steps (0: only after each epoch)
     detect_nonfinite   stop at the first NaN/inf activation, gradient or parameter, naming it
                   (guards.py; costs a check per module output)
+    trust_remote_code  run Python files shipped with --model (transformers' flag; off: see
+                  SECURITY.md)
     image_size    image tasks: side the images are resized to before the model
     """
 
@@ -133,6 +135,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     device: str = "auto"
     detect_nonfinite: bool = False
+    trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -179,7 +182,7 @@ def _check_int(name: str, value: Any, *, minimum: int) -> None:
 
 # Fields a resumed run may change without changing its result.
 _RESUME_MAY_CHANGE = frozenset(
-    {"output", "save_every", "keep_checkpoints", "device", "detect_nonfinite"}
+    {"output", "save_every", "keep_checkpoints", "device", "detect_nonfinite", "trust_remote_code"}
 )
 
 
@@ -444,22 +447,29 @@ def _check_model_dir(path: Path) -> None:
         raise RunError(f"--model {path}: no config.json, not a Hugging Face model directory")
 
 
-def _load_model(kind_name: str, kind: Kind, path: Path, label_names: Sequence[str]) -> nn.Module:
+def _load_model(
+    kind_name: str, kind: Kind, path: Path, label_names: Sequence[str], trust_remote_code: bool
+) -> nn.Module:
     import transformers
 
     auto = getattr(transformers, kind.auto_class)
     try:
-        config = transformers.AutoConfig.from_pretrained(path)
+        config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
+        if "trust_remote_code" in str(error):
+            raise RunError(
+                f"--model {path} ships its own Python code, which runs only with "
+                "--trust-remote-code (read the code first; see SECURITY.md)"
+            ) from None
         raise RunError(f"--model {path}: cannot read its config.json ({error})") from None
     if kind_name in ("causal-lm", "generation") and not _is_decoder(config):
         raise RunError(
             f"--model {path} ({config.model_type}) is a bidirectional encoder, not a decoder: "
             f"it cannot be trained for {kind_name!r} (use a causal LM such as SmolLM2)"
         )
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if label_names:
-        kwargs = {
+        kwargs |= {
             "num_labels": len(label_names),
             "id2label": dict(enumerate(label_names)),
             "label2id": {name: i for i, name in enumerate(label_names)},
@@ -521,7 +531,9 @@ def prepare(config: TrainConfig, task: Any = None) -> Prepared:
     image_mean, image_std = Prepared.image_mean, Prepared.image_std
     if kind.needs_tokenizer:
         try:
-            tokenizer = AutoTokenizer.from_pretrained(model_path)
+            tokenizer = AutoTokenizer.from_pretrained(
+                model_path, trust_remote_code=config.trust_remote_code
+            )
         except (OSError, ValueError, TypeError) as error:
             raise RunError(f"--model {model_path}: cannot load its tokenizer ({error})") from None
         if tokenizer.pad_token_id is None:
@@ -530,12 +542,14 @@ def prepare(config: TrainConfig, task: Any = None) -> Prepared:
             tokenizer.eos_token = tokenizer.sep_token or tokenizer.pad_token
         pad_id = tokenizer.pad_token_id
     elif (model_path / "preprocessor_config.json").is_file():
-        processor = AutoImageProcessor.from_pretrained(model_path)
+        processor = AutoImageProcessor.from_pretrained(
+            model_path, trust_remote_code=config.trust_remote_code
+        )
         image_mean = tuple(getattr(processor, "image_mean", image_mean))
         image_std = tuple(getattr(processor, "image_std", image_std))
 
     torch.manual_seed(config.seed)  # the new head and the method's random inits
-    model = _load_model(task.kind, kind, model_path, label_names)
+    model = _load_model(task.kind, kind, model_path, label_names, config.trust_remote_code)
     if getattr(model.config, "pad_token_id", None) is None and tokenizer is not None:
         model.config.pad_token_id = pad_id  # sequence classification by decoders needs it
     try:
