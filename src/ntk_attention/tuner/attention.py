@@ -4,7 +4,8 @@
 Each base kernel family gets its own NTK twin, so the real tokens keep the kernel the model was
 loaded with:
 
-    base "sdpa"  -> "ntk_sdpa":  masks from ``sdpa_mask`` (bool or None), op path "fused" (SDPA)
+    base "sdpa"  -> "ntk_sdpa":  masks from ``sdpa_mask`` (bool or None), op path "lse" (SDPA's
+                                 kernel and its log-sum-exp; "fused" where that cannot run)
     base "eager" -> "ntk_eager": masks from ``eager_mask`` (additive), op path "naive" (matmuls)
 
 The mask function must be registered under the same name: transformers builds no mask at all
@@ -15,6 +16,7 @@ row) runs the base model's own function unchanged, so the base model is reproduc
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 from collections.abc import Callable
@@ -65,7 +67,7 @@ class AttentionFamily:
 
 
 FAMILIES: dict[str, AttentionFamily] = {
-    "sdpa": AttentionFamily("sdpa", "ntk_sdpa", "fused", sdpa_mask, _sdpa_base, True),
+    "sdpa": AttentionFamily("sdpa", "ntk_sdpa", "lse", sdpa_mask, _sdpa_base, True),
     "eager": AttentionFamily("eager", "ntk_eager", "naive", eager_mask, _eager_base, False),
 }
 _BY_NAME = {family.name: family for family in FAMILIES.values()}
@@ -86,6 +88,14 @@ def family_for_base(attn_implementation: str | None) -> AttentionFamily:
     return FAMILIES[attn_implementation]
 
 
+def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast switched off, or a no-op context when it is off already (entering
+    ``torch.autocast`` costs tens of microseconds, twice per layer and call)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _make_attention_function(family: AttentionFamily) -> AttentionFn:
     def attention(
         module: nn.Module,
@@ -103,7 +113,7 @@ def _make_attention_function(family: AttentionFamily) -> AttentionFn:
         if state is None:
             groups = [RowGroup(None, None)]
         else:
-            with torch.autocast(query.device.type, enabled=False):  # stacked states in fp32
+            with _no_autocast(query.device.type):  # stacked states in fp32
                 groups = state.plan(row_names, query.shape[0])
         if len(groups) == 1 and groups[0].state is None:
             base = family.base_function(module)
@@ -142,7 +152,7 @@ def _make_attention_function(family: AttentionFamily) -> AttentionFn:
                 implementation = family.op_implementation
             # The op picks its own precisions (state terms in float32, the kernel in q's
             # dtype); autocast would recast its einsums to bf16 and break its backward.
-            with torch.autocast(q.device.type, enabled=False):
+            with _no_autocast(q.device.type):
                 out = ntk_attention(
                     q, k, v, op_state.z, op_state.kappa,
                     feature_map=op_state.feature_map,
