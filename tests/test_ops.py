@@ -20,6 +20,7 @@ from ntk_attention.ops import (
     nonnegative,
     ntk_attention,
     ntk_attention_fused,
+    ntk_attention_lse,
     ntk_attention_naive,
 )
 from ntk_attention.testing import (
@@ -31,7 +32,7 @@ from ntk_attention.testing import (
 # Tiny tensors: one thread is faster and immune to a busy neighbour (see conftest.py).
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-PATHS = {"fused": ntk_attention_fused, "naive": ntk_attention_naive}
+PATHS = {"lse": ntk_attention_lse, "fused": ntk_attention_fused, "naive": ntk_attention_naive}
 
 
 def close(
@@ -491,9 +492,9 @@ def test_dropout_is_unbiased(path):
     assert ((draws.mean(0) - expected).abs() <= 5 * spread + 1e-6).all()
 
 
-def test_auto_implementation_is_the_fused_path():
+def test_auto_implementation_is_the_lse_path():
     inputs = make_inputs(Case(is_causal=True))
-    torch.testing.assert_close(call(ntk_attention, inputs), call(ntk_attention_fused, inputs),
+    torch.testing.assert_close(call(ntk_attention, inputs), call(ntk_attention_lse, inputs),
                                rtol=0, atol=0)
 
 
@@ -546,6 +547,61 @@ def test_fused_path_with_causal_padding_builds_masks_but_no_score_matrix():
     per_head = [(op, shape, dtype) for op, shape, dtype in recorder.outputs
                 if len(shape) >= 3 and min(shape[-2:]) >= length and shape[-3] != 1]
     assert not per_head, f"per-head Lq x Lk tensors: {per_head}"
+
+
+LSE_LAYOUTS = {
+    # name: (case, bool padding mask over the last 10 keys)
+    "decode_gqa_folded": (Case(batch=1, q_heads=6, kv_heads=2, q_len=1, k_len=256,
+                               head_dim=16, is_causal=True), False),
+    "causal_gqa": (Case(batch=1, q_heads=4, kv_heads=2, q_len=256, k_len=256, head_dim=16,
+                        is_causal=True), False),
+    "bidirectional_padding": (Case(batch=2, q_heads=2, kv_heads=2, q_len=256, k_len=256,
+                                   head_dim=16), True),
+    "causal_chunk_lq<lk": (Case(batch=1, q_heads=2, kv_heads=2, q_len=64, k_len=256,
+                                head_dim=16, is_causal=True), False),
+}
+
+
+@pytest.mark.parametrize("name", LSE_LAYOUTS)
+def test_lse_path_runs_its_kernel_on_unaugmented_inputs_and_builds_no_score_matrix(name):
+    """The lse path really runs (no hand-over to the fused path, whose augmented tensors are
+    round_up(D + 1, 8) = 24 wide at D = 16) in forward and backward, and no per-head
+    Lq x Lk tensor is built (a [.., 1, Lq, Lk] mask is allowed)."""
+    case, padding = LSE_LAYOUTS[name]
+    inputs = make_inputs(case)
+    if padding:
+        inputs["attn_mask"] = torch.ones(case.batch, 1, 1, case.k_len, dtype=torch.bool)
+        inputs["attn_mask"][-1, ..., -10:] = False
+    differentiable(inputs)
+    with ShapeRecorder() as recorder:
+        call(ntk_attention_lse, inputs).sum().backward()
+    ops = {op for op, _, _ in recorder.outputs}
+    assert "aten._scaled_dot_product_flash_attention_for_cpu.default" in ops
+    assert "aten._scaled_dot_product_flash_attention_for_cpu_backward.default" in ops
+    augmented = [(op, shape) for op, shape, _ in recorder.outputs if shape and shape[-1] == 24]
+    assert not augmented, f"augmented tensors on the lse path: {augmented}"
+    square = [(op, shape) for op, shape, _ in recorder.outputs
+              if len(shape) >= 3 and min(shape[-2:]) >= case.q_len > 1 and shape[-3] != 1]
+    assert not square, f"per-head Lq x Lk tensors on the lse path: {square}"
+
+
+@pytest.mark.parametrize("overrides", [{"dropout_p": 0.1}, {"value_dim": 6}])
+def test_lse_path_hands_what_its_kernel_cannot_do_to_the_fused_path(overrides):
+    """Dropout (SDPA's flash kernel has none) and Dv != D go to the fused path (augmented
+    inputs: round_up(D + 1, 8) = 16 wide at D = 8)."""
+    case = Case(value_dim=overrides.get("value_dim"))
+    inputs = make_inputs(case)
+    with ShapeRecorder() as recorder:
+        call(ntk_attention_lse, inputs, dropout_p=overrides.get("dropout_p", 0.0))
+    assert any(shape and shape[-1] == 16 for _, shape, _ in recorder.outputs)
+
+
+def test_lse_path_without_autograd_equals_its_autograd_forward():
+    inputs = make_inputs(Case(is_causal=True))
+    with torch.no_grad():
+        plain = call(ntk_attention_lse, inputs)
+    differentiable(inputs)
+    torch.testing.assert_close(call(ntk_attention_lse, inputs), plain, rtol=0, atol=0)
 
 
 class TestNonnegative:

@@ -67,7 +67,7 @@ def attention_inputs(draw):
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(inputs=attention_inputs(), implementation=st.sampled_from(["fused", "naive"]))
+@given(inputs=attention_inputs(), implementation=st.sampled_from(["lse", "fused", "naive"]))
 def test_matches_float64_reference(inputs, implementation):
     dtype = inputs["q"].dtype
     out = ntk_attention(**inputs, implementation=implementation)
@@ -85,7 +85,7 @@ def test_gradients_are_finite_and_paths_agree(inputs):
         return
     leaves = {name: inputs[name].clone().requires_grad_() for name in ("q", "k", "v", "kappa")}
     grads = {}
-    for implementation in ("fused", "naive"):
+    for implementation in ("lse", "fused", "naive"):
         for leaf in leaves.values():
             leaf.grad = None
         out = ntk_attention(**{**inputs, **leaves}, implementation=implementation)
@@ -94,4 +94,6 @@ def test_gradients_are_finite_and_paths_agree(inputs):
         for name, grad in grads[implementation].items():
             assert torch.isfinite(grad).all(), f"non-finite gradient of {name} ({implementation})"
     for name in leaves:
-        assert_close(grads["fused"][name], grads["naive"][name], rtol=1e-6, atol=1e-8, msg=name)
+        for implementation in ("lse", "fused"):
+            assert_close(grads[implementation][name], grads["naive"][name], rtol=1e-6, atol=1e-8,
+                         msg=f"{implementation} {name}")

@@ -1,7 +1,13 @@
-"""NTK-Attention ops: exact prefix attention, NTK-Attention (fused + naive), feature maps and
-the state's helpers. Nothing here knows about models."""
+"""NTK-Attention ops: exact prefix attention, NTK-Attention (lse merge, fused, naive), feature
+maps and the state's helpers. Nothing here knows about models."""
 
-from .attention import IMPLEMENTATIONS, ntk_attention, ntk_attention_fused, ntk_attention_naive
+from .attention import (
+    IMPLEMENTATIONS,
+    ntk_attention,
+    ntk_attention_fused,
+    ntk_attention_lse,
+    ntk_attention_naive,
+)
 from .feature_maps import (
     FEATURE_MAPS,
     CallableFeatureMap,
@@ -32,6 +38,7 @@ __all__ = [
     "nonnegative",
     "ntk_attention",
     "ntk_attention_fused",
+    "ntk_attention_lse",
     "ntk_attention_naive",
     "prefix_attention",
     "prefix_to_state",

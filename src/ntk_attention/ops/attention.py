@@ -1,5 +1,6 @@
 """The public NTK-Attention op: validates its inputs, evaluates the state's query-side terms,
-and runs the fused path (or its naive twin)."""
+and runs one of its paths: "lse" (the kernel's log-sum-exp merge, CPU), "fused" (one public
+SDPA call on augmented inputs, any device) or their naive twin."""
 
 from __future__ import annotations
 
@@ -10,13 +11,21 @@ import torch
 
 from .feature_maps import FeatureMap
 from .fused import fused_attention
+from .lse import lse_attention
 from .naive import naive_attention
 from .state import State, state_terms
 from .validation import check_mask, check_qkv, check_state, resolve_feature_map
 
-__all__ = ["IMPLEMENTATIONS", "ntk_attention", "ntk_attention_fused", "ntk_attention_naive"]
+__all__ = [
+    "IMPLEMENTATIONS",
+    "ntk_attention",
+    "ntk_attention_fused",
+    "ntk_attention_lse",
+    "ntk_attention_naive",
+]
 
-IMPLEMENTATIONS = {"fused": fused_attention, "naive": naive_attention}
+# "lse" hands the calls its kernel cannot take (GPU, dropout, Dv != D) to "fused" itself.
+IMPLEMENTATIONS = {"lse": lse_attention, "fused": fused_attention, "naive": naive_attention}
 
 
 def ntk_attention(
@@ -50,13 +59,13 @@ def ntk_attention(
     ``is_causal``: bottom-right aligned (query i sees keys j <= Lk - Lq + i). The state is
     visible to every query. ``scale`` defaults to 1/sqrt(D). z = 0, kappa = 0 is plain
     attention. A row with every key masked returns phi^T Z / phi^T kappa, or zeros when
-    phi^T kappa = 0. ``implementation``: "auto" (= "fused"), "fused" or "naive".
+    phi^T kappa = 0. ``implementation``: "auto" (= "lse"), "lse", "fused" or "naive".
     """
     check_qkv(q, k, v)
     attn_mask = check_mask(attn_mask, q, k)
     r = check_state(z, kappa, q, v)
     if implementation == "auto":
-        implementation = "fused"
+        implementation = "lse"
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(
             f"implementation must be 'auto' or one of {sorted(IMPLEMENTATIONS)}, "
@@ -75,6 +84,11 @@ def ntk_attention(
 def ntk_attention_fused(*args, **kwargs) -> torch.Tensor:
     """:func:`ntk_attention` forced onto the fused (SDPA) path."""
     return ntk_attention(*args, **kwargs, implementation="fused")
+
+
+def ntk_attention_lse(*args, **kwargs) -> torch.Tensor:
+    """:func:`ntk_attention` on the log-sum-exp merge path (the fused path where it cannot run)."""
+    return ntk_attention(*args, **kwargs, implementation="lse")
 
 
 def ntk_attention_naive(*args, **kwargs) -> torch.Tensor:

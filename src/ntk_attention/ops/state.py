@@ -1,7 +1,7 @@
 """The NTK-Attention state (Z, kappa): its query-side terms, kappa's parameterisation, and the
 closed-form state of a finite prefix.
 
-Both the naive and the fused path evaluate the state through :func:`state_terms`, so the only
+Every path (lse, fused, naive) evaluates the state through :func:`state_terms`, so the only
 thing they differ in is how the exact softmax part is computed and merged.
 """
 
@@ -81,15 +81,17 @@ def state_terms(
     features = features.to(compute_dtype)
     offset = offset.to(compute_dtype).squeeze(-1)
 
-    kappa = kappa.to(compute_dtype)
-    batched = "bh" if kappa.dim() == 3 else "h"
-    mass = torch.einsum(f"bhnr,{batched}r->bhn", features, kappa)
+    # One matmul gives phi^T [Z | kappa] (or phi^T [Z_A | kappa]): [Hkv, r, .] or per row
+    # [B, Hkv, r, .] broadcasts against features [B, Hkv, N, r].
+    kappa = kappa.to(compute_dtype).unsqueeze(-1)  # [(B,) Hkv, r, 1]
     if isinstance(z, tuple):
         z_a, z_b = (t.to(compute_dtype) for t in z)
-        low = torch.einsum(f"bhnr,{batched}rs->bhns", features, z_a)
-        numer = torch.einsum(f"bhns,{batched}sd->bhnd", low, z_b)
+        both = features @ torch.cat([z_a, kappa], -1)  # [B, Hkv, N, s + 1]
+        numer = both[..., :-1] @ z_b
     else:
-        numer = torch.einsum(f"bhnr,{batched}rd->bhnd", features, z.to(compute_dtype))
+        both = features @ torch.cat([z.to(compute_dtype), kappa], -1)  # [B, Hkv, N, D + 1]
+        numer = both[..., :-1]
+    mass = both[..., -1]
     if state_log_scale is not None:
         scale = state_log_scale.to(compute_dtype)
         offset = offset + (scale.unsqueeze(-1) if scale.dim() >= 1 else scale)
@@ -148,7 +150,10 @@ def nonnegative(theta: torch.Tensor) -> torch.Tensor:
     theta <= 0 only if it points to a larger kappa (gradient < 0, so a descent step raises
     theta). This is projected gradient descent on kappa >= 0: kappa initialised at 0 still
     trains, unlike abs(theta), whose gradient at 0 is 0, or relu, which is dead below 0.
+    Without autograd it is a plain clamp (decoding calls it once per layer and token).
     """
+    if not (theta.requires_grad and torch.is_grad_enabled()):
+        return theta.clamp_min(0)
     return _NonNegative.apply(theta)
 
 

@@ -4,7 +4,8 @@
 Each base kernel family gets its own NTK twin, so the real tokens keep the kernel the model was
 loaded with:
 
-    base "sdpa"  -> "ntk_sdpa":  masks from ``sdpa_mask`` (bool or None), op path "fused" (SDPA)
+    base "sdpa"  -> "ntk_sdpa":  masks from ``sdpa_mask`` (bool or None), op path "lse" (SDPA's
+                                 kernel and its log-sum-exp; "fused" where that cannot run)
     base "eager" -> "ntk_eager": masks from ``eager_mask`` (additive), op path "naive" (matmuls)
 
 The mask function must be registered under the same name: transformers builds no mask at all
@@ -66,7 +67,7 @@ class AttentionFamily:
 
 
 FAMILIES: dict[str, AttentionFamily] = {
-    "sdpa": AttentionFamily("sdpa", "ntk_sdpa", "fused", sdpa_mask, _sdpa_base, True),
+    "sdpa": AttentionFamily("sdpa", "ntk_sdpa", "lse", sdpa_mask, _sdpa_base, True),
     "eager": AttentionFamily("eager", "ntk_eager", "naive", eager_mask, _eager_base, False),
 }
 _BY_NAME = {family.name: family for family in FAMILIES.values()}

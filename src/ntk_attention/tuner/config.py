@@ -18,8 +18,8 @@ PEFT_TYPE = "NTK_ATTENTION"
 # "normal": Z ~ N(0, init_std^2) and kappa = 0 (not the base model at init; for experiments).
 INITS = ("zeros", "normal")
 
-# The op paths ("auto" follows the base model: its sdpa kernel -> "fused", eager -> "naive").
-IMPLEMENTATIONS = ("auto", "fused", "naive")
+# The op paths ("auto" follows the base model: its sdpa kernel -> "lse", eager -> "naive").
+IMPLEMENTATIONS = ("auto", "lse", "fused", "naive")
 
 # Maps whose feature dimension is fixed by the head dim (r = None means "the natural r").
 _NEEDS_R = frozenset({"exp", "elu+exp"})
@@ -55,7 +55,7 @@ class NTKConfig:
       seed             draws random feature maps ("favor", "exp") and low-rank Z_A.
       learn_log_scale  add a trainable per-KV-head log scale of the state (``ntk_log_scale``):
                        a state whose features overflow float32 keeps its scale in log space.
-      implementation   "auto", "fused" or "naive" (see IMPLEMENTATIONS).
+      implementation   "auto", "lse", "fused" or "naive" (see IMPLEMENTATIONS).
     """
 
     feature_map: str = "elu"

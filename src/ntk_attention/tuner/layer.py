@@ -81,8 +81,6 @@ class NTKState(nn.Module):
         self.active_adapter: str | None = None
         self.disabled = False
         self.saw_row_names = False  # set when a call's per-row names reached this layer
-        # adapter name -> (key, OpState) for calls without autograd (see op_state)
-        self._op_state_cache: dict[str, tuple[tuple, OpState]] = {}
 
     # ----------------------------------------------------------------- adapters
     def add_adapter(self, name: str, config: NTKConfig, device: torch.device) -> None:
@@ -119,7 +117,6 @@ class NTKState(nn.Module):
         self.configs[name] = config
 
     def delete_adapter(self, name: str) -> None:
-        self._op_state_cache.pop(name, None)
         for kind in PARAMETER_KINDS:
             if name in getattr(self, kind):
                 del getattr(self, kind)[name]
@@ -148,24 +145,7 @@ class NTKState(nn.Module):
         return out
 
     def op_state(self, name: str) -> OpState:
-        """Adapter ``name``'s state as the op takes it.
-
-        Without autograd (``generate`` calls every layer once per new token) the result is
-        cached per adapter and reused while no tensor it was made from changed: the key holds
-        each parameter's identity, storage address (moved by ``.to()``) and in-place version
-        counter (bumped by optimizer steps, ``load_state_dict`` and ``copy_``).
-        :meth:`_make_op_state` is the uncached twin (tests/test_tuner_layer.py compares them)."""
-        if torch.is_grad_enabled():
-            return self._make_op_state(name)
-        params = self.adapter_parameters(name)
-        key = (self.configs[name], tuple((k, id(p), p._version, p.data_ptr()) for k, p in params.items()))
-        cached = self._op_state_cache.get(name)
-        if cached is None or cached[0] != key:
-            cached = (key, self._make_op_state(name))
-            self._op_state_cache[name] = cached
-        return cached[1]
-
-    def _make_op_state(self, name: str) -> OpState:
+        """Adapter ``name``'s state as the op takes it (cheap: a few lookups and a clamp)."""
         kappa = nonnegative(self.ntk_kappa[name])
         if name in self.ntk_z:
             z: torch.Tensor | tuple[torch.Tensor, torch.Tensor] = self.ntk_z[name]

@@ -1,0 +1,197 @@
+"""NTK-Attention by the log-sum-exp merge (as ring attention merges blocks): exact attention over
+the real keys with its log-sum-exp, then the state merged in closed form. No augmented copies of
+q, k, v, no extra key, the head dim untouched.
+
+    o, lse = attention(q, k, v)                  o = E / S,  lse = log S
+    lse'   = logaddexp(lse, o_s + log mass)      o_s the state's log offset: a = e^{o_s} mass
+    out    = e^{lse - lse'} o + e^{o_s - lse'} numer = (E + b) / (S + a)
+
+Backward: the kernel's own backward, given the *merged* output and lse', is the gradient of the
+merged attention for q, k, v (it forms P_ij = e^{l_ij - lse'} and D_i = dO_i . out_i, which
+already count the state); the state terms get, with c = e^{o_s - lse'} = 1 / (S + a) e^{o_s},
+
+    d numer = c dO,   d mass = -c (dO . out),   d o_s = c (dO . numer - (dO . out) mass).
+
+Public SDPA returns no lse, so this path calls CPU SDPA's flash kernel and its backward
+(``torch.ops.aten._scaled_dot_product_flash_attention_for_cpu[_backward]``, private ops of
+torch). Where they do not apply it hands the call to the fused path: another device, dropout
+(SDPA's flash kernel has none), a value dim that differs from the head dim, or a torch without
+the ops. ``naive.py`` is the twin both are tested against.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .fused import fused_attention
+from .masks import combined_mask
+from .state import StateTerms
+
+__all__ = ["lse_attention", "lse_supported"]
+
+# e^x above this overflows float32: the state's weight is clipped there, as in the naive path
+# (only a state with zero mass but a non-zero numerator reaches it).
+_MAX_EXPONENT = 80.0
+_KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _kernels():
+    try:
+        return (
+            torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+            torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default,
+        )
+    except (AttributeError, RuntimeError):
+        return None
+
+
+_KERNELS = _kernels()
+
+
+def lse_supported(q: torch.Tensor, v: torch.Tensor, dropout_p: float) -> bool:
+    """Whether :func:`lse_attention` runs the merge itself (else it runs the fused path)."""
+    return (
+        _KERNELS is not None
+        and q.device.type == "cpu"
+        and dropout_p == 0.0
+        and q.dtype in _KERNEL_DTYPES
+        and v.shape[-1] == q.shape[-1]
+    )
+
+
+def lse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    terms: StateTerms,
+    *,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """out = (sum_j e^{l_j} v_j + b) / (sum_j e^{l_j} + a) through the kernel's lse (see the
+    module docstring). Layouts, fastest first:
+
+      * no mask, not causal or Lq = 1 (decoding): GQA query heads are folded into the query
+        length, [B, Hq, Lq, D] -> [B, Hkv, G * Lq, D], against the un-repeated keys;
+      * causal with Lq = Lk and no mask: the kernel's causal flag (top-left = bottom-right);
+      * otherwise an explicit additive [.., Lq, Lk] mask (bottom-right causality folded in),
+        keys and values repeated per query head for GQA (autograd sums their gradients).
+
+    A row that sees no key gets b / a, or zeros when a = 0.
+    """
+    if not lse_supported(q, v, dropout_p):
+        return fused_attention(
+            q, k, v, terms, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+            dropout_p=dropout_p,
+        )
+    batch, q_heads, q_len, head_dim = q.shape
+    kv_heads, k_len = k.shape[1], k.shape[2]
+    groups = q_heads // kv_heads
+    kernel_causal = is_causal and attn_mask is None and q_len == k_len
+    if is_causal and not kernel_causal and not (attn_mask is None and q_len == 1):
+        attn_mask = combined_mask(attn_mask, True, q_len, k_len, q.device)
+
+    mask, empty = None, None
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            empty = ~attn_mask.any(-1)  # [.., Lq], rows that see no key
+            mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device)
+            mask.masked_fill_(~attn_mask, float("-inf"))
+        else:
+            empty = (attn_mask == float("-inf")).all(-1)
+            mask = attn_mask.to(q.dtype)
+        if mask.dim() < 4:
+            mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+            empty = empty.reshape((1,) * (3 - empty.dim()) + tuple(empty.shape))
+
+    mass = terms.mass.clamp_min(0)  # a negative phi^T kappa (taylor) counts as no mass
+    log_offset, numer = terms.log_offset, terms.numer
+    fold = groups > 1 and attn_mask is None and not kernel_causal
+    if fold:
+        # [B, Hq, Lq, .] -> [B, Hkv, G * Lq, .]: query head h = kv head h // G, the same order.
+        folded = (batch, kv_heads, groups * q_len)
+        q = q.reshape(*folded, head_dim)
+        log_offset, mass = log_offset.reshape(folded), mass.reshape(folded)
+        numer = numer.reshape(*folded, numer.shape[-1])
+    elif groups > 1:
+        k = k[:, :, None].expand(batch, kv_heads, groups, k_len, head_dim).reshape(
+            batch, q_heads, k_len, head_dim
+        )
+        v = v[:, :, None].expand(batch, kv_heads, groups, k_len, v.shape[-1]).reshape(
+            batch, q_heads, k_len, v.shape[-1]
+        )
+    args = (q, k, v, log_offset, mass, numer, mask, empty, kernel_causal, scale)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in args[:6]):
+        out = _LseMerge.apply(*args)
+    else:  # no autograd (decoding): skip the Function's bookkeeping
+        out = _merge(*args)[0]
+    return out.reshape(batch, q_heads, q_len, out.shape[-1]) if fold else out
+
+
+def _merge(q, k, v, log_offset, mass, numer, mask, empty, causal, scale, for_backward=False):
+    """Forward of :class:`_LseMerge`: out, and with ``for_backward`` what its backward needs."""
+    forward_kernel, _ = _KERNELS
+    exact, lse = forward_kernel(q, k, v, 0.0, causal, attn_mask=mask, scale=scale)
+    compute = numer.dtype
+    log_sum = lse.to(compute)
+    if empty is not None:  # rows that see no key: the kernel says lse = 0, the truth is -inf
+        log_sum = log_sum.masked_fill(empty, float("-inf"))
+    merged = torch.logaddexp(log_sum, log_offset + mass.log())  # log(S + a)
+    finite = None
+    if empty is not None:  # merged = -inf where a row sees no key and a = 0
+        finite = merged > float("-inf")
+        merged = torch.where(finite, merged, 0.0)  # any finite shift: both weights are 0 there
+    # Without a mask every row sees a key (lse finite), so merged is finite.
+    exact_weight = (log_sum - merged).exp()  # S / (S + a)
+    state_weight = (log_offset - merged).clamp_max(_MAX_EXPONENT).exp()  # c = e^{o_s} / (S + a)
+    if finite is not None:
+        state_weight = state_weight * finite
+    result = torch.addcmul(
+        exact_weight.unsqueeze(-1) * exact.to(compute), state_weight.unsqueeze(-1), numer
+    )
+    out = result.to(q.dtype)
+    if not for_backward:
+        return out, None, None, None
+    # The kernel's backward reads P_ij = e^{l_ij - lse'}: +inf where the row is empty.
+    backward_lse = merged if finite is None else merged.masked_fill(~finite, float("inf"))
+    return out, backward_lse.to(lse.dtype), result, state_weight
+
+
+class _LseMerge(torch.autograd.Function):
+    """The kernel's (o, lse), the state merged in; backward as in the module docstring.
+
+    q [B, H, N, D], k, v [B, H, Lk, D] (heads already matched), log_offset and mass [B, H, N],
+    numer [B, H, N, D] in the compute dtype, mask additive in q's dtype or None, ``empty``
+    [.., N] bool rows that see no key (their kernel lse is not -inf) or None."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, log_offset, mass, numer, mask, empty, causal, scale):
+        out, backward_lse, result, state_weight = _merge(
+            q, k, v, log_offset, mass, numer, mask, empty, causal, scale, for_backward=True
+        )
+        ctx.save_for_backward(q, k, v, out, backward_lse, mask, result, numer, mass, state_weight)
+        ctx.options = (causal, scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, out, backward_lse, mask, result, numer, mass, state_weight = ctx.saved_tensors
+        causal, scale = ctx.options
+        _, backward_kernel = _KERNELS
+        grad_q = grad_k = grad_v = grad_offset = grad_mass = grad_numer = None
+        if any(ctx.needs_input_grad[:3]):
+            grad_q, grad_k, grad_v = backward_kernel(
+                grad.to(q.dtype), q, k, v, out, backward_lse, 0.0, causal,
+                attn_mask=mask, scale=scale,
+            )
+        grad = grad.to(result.dtype)
+        grad_dot_out = torch.linalg.vecdot(grad, result)  # dO . out, [B, H, N]
+        if ctx.needs_input_grad[3]:
+            grad_offset = state_weight * (torch.linalg.vecdot(grad, numer) - grad_dot_out * mass)
+        if ctx.needs_input_grad[4]:
+            grad_mass = -grad_dot_out * state_weight
+        if ctx.needs_input_grad[5]:
+            grad_numer = grad * state_weight.unsqueeze(-1)
+        return grad_q, grad_k, grad_v, grad_offset, grad_mass, grad_numer, None, None, None, None
