@@ -86,7 +86,9 @@ def test_smollm2_gqa_generation_and_save_load(tmp_path):
         path = smollm2_path()
     except Exception as err:
         pytest.skip(f"SmolLM2-135M is not available: {err}")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    # Decoders generate from left-padded batches (SmolLM2's tokenizer pads right by default,
+    # which would make generate() continue after the pad tokens of the shorter row).
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path, padding_side="left")
     model = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
     assert (model.config.num_attention_heads, model.config.num_key_value_heads) == (9, 3)
     batch = tokenizer(["The capital of France is", "Once upon a time"], return_tensors="pt", padding=True)
@@ -102,10 +104,14 @@ def test_smollm2_gqa_generation_and_save_load(tmp_path):
             torch.testing.assert_close(ntk(**batch).logits, expected, rtol=0, atol=0)
         cached = ntk.generate(**batch, **settings)
         ids, mask = batch["input_ids"], batch["attention_mask"]
+        eos_ids = model.generation_config.eos_token_id
+        eos_ids = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids or [])
         for _ in range(8):  # greedy recompute of the whole sequence at every step
             position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
             logits = ntk(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False).logits
-            ids = torch.cat([ids, logits[:, -1:].argmax(-1)], dim=1)
+            last = logits[:, -1:].clone()
+            last[..., eos_ids] = float("-inf")  # as min_new_tokens does in generate()
+            ids = torch.cat([ids, last.argmax(-1)], dim=1)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     assert torch.equal(cached, ids)
     ntk.save_pretrained(tmp_path)

@@ -240,3 +240,13 @@ def test_several_adapters_save_to_subfolders(tmp_path):
     ntk.set_adapter("second")
     with torch.no_grad():
         torch.testing.assert_close(other(**batch).logits, ntk(**batch).logits, rtol=0, atol=0)
+
+
+def test_fingerprint_samples_stay_inside_large_tensors():
+    """Beyond 2^24 elements a float32 linspace rounds the last sample index up to numel()
+    (an IndexError on SmolLM2's 49152 x 576 embedding); the indices are integers."""
+    from ntk_attention.tuner.save_load import weights_fingerprint
+
+    big = torch.zeros(28_311_552, dtype=torch.bfloat16)
+    big[-1] = 1.0
+    assert weights_fingerprint([("w", big)]) != weights_fingerprint([("w", torch.zeros_like(big))])

@@ -212,7 +212,9 @@ def weights_fingerprint(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> st
         digest.update(f"{name}:{tuple(tensor.shape)};".encode())
         if flat.numel() == 0:
             continue
-        index = torch.linspace(0, flat.numel() - 1, _FINGERPRINT_SAMPLES, device=flat.device).long()
+        # Integer arithmetic: a float32 linspace rounds its last index up to numel() beyond 2^24.
+        steps = torch.arange(_FINGERPRINT_SAMPLES, device=flat.device, dtype=torch.long)
+        index = steps * (flat.numel() - 1) // max(_FINGERPRINT_SAMPLES - 1, 1)
         sample = flat[index].to(torch.bfloat16).to(torch.float32).cpu()
         digest.update(sample.numpy().tobytes())
     return digest.hexdigest()
