@@ -596,12 +596,45 @@ def test_lse_path_hands_what_its_kernel_cannot_do_to_the_fused_path(overrides):
     assert any(shape and shape[-1] == 16 for _, shape, _ in recorder.outputs)
 
 
-def test_lse_path_without_autograd_equals_its_autograd_forward():
-    inputs = make_inputs(Case(is_causal=True))
+@pytest.mark.parametrize("name", CASES)
+def test_lse_path_without_autograd_matches_float64_reference(name):
+    """Without autograd and without a mask the lse path runs ``lse_inference`` (terms in the
+    kernel's layout, no zero offset built); with a mask its general path. Both against the
+    reference."""
+    inputs = make_inputs(CASES[name])
     with torch.no_grad():
-        plain = call(ntk_attention_lse, inputs)
-    differentiable(inputs)
-    torch.testing.assert_close(call(ntk_attention_lse, inputs), plain, rtol=0, atol=0)
+        out = call(ntk_attention_lse, inputs)
+    expected = call(reference_ntk_attention, as_float64(inputs))
+    close(out, expected, 2e-5, f"lse no-grad {name}")
+
+
+@pytest.mark.parametrize(
+    "case, taken",
+    [
+        (Case(q_heads=6, kv_heads=2, q_len=1, k_len=9, is_causal=True), True),  # decoding, GQA
+        (Case(q_heads=6, kv_heads=2, q_len=3, k_len=9), True),  # bidirectional, GQA folded
+        (Case(q_heads=2, kv_heads=2, q_len=5, k_len=5, is_causal=True), True),  # kernel causal
+        (Case(q_heads=2, kv_heads=2, q_len=5, k_len=5, per_row=True, rank=2,
+              state_log_scale=1.0), True),
+        (Case(q_heads=4, kv_heads=2, q_len=5, k_len=5, is_causal=True), False),  # causal GQA
+        (Case(q_heads=2, kv_heads=2, q_len=3, k_len=7, is_causal=True), False),  # causal chunk
+    ],
+)
+def test_lse_inference_takes_maskless_no_grad_layouts(case, taken):
+    from ntk_attention.ops.lse import lse_inference
+
+    inputs = make_inputs(case)
+    phi = get_feature_map("elu", case.head_dim)
+    args = (inputs["q"], inputs["k"], inputs["v"], inputs["z"], inputs["kappa"], phi)
+    options = dict(is_causal=case.is_causal, scale=case.head_dim**-0.5,
+                   state_log_scale=inputs["state_log_scale"])
+    assert lse_inference(*args, **options) is None  # autograd on: never taken
+    with torch.no_grad():
+        out = lse_inference(*args, **options)
+    assert (out is not None) == taken
+    if taken:
+        expected = call(reference_ntk_attention, as_float64(inputs))
+        close(out, expected, 2e-5, "lse_inference")
 
 
 class TestNonnegative:

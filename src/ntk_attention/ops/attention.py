@@ -11,7 +11,7 @@ import torch
 
 from .feature_maps import FeatureMap
 from .fused import fused_attention
-from .lse import lse_attention
+from .lse import lse_attention, lse_inference
 from .naive import naive_attention
 from .state import State, state_terms
 from .validation import check_mask, check_qkv, check_state, resolve_feature_map
@@ -75,6 +75,13 @@ def ntk_attention(
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     phi = resolve_feature_map(feature_map, q.shape[-1], r, scale, q.device)
+    if implementation == "lse" and attn_mask is None:
+        out = lse_inference(
+            q, k, v, z, kappa, phi, is_causal=is_causal, scale=scale,
+            state_log_scale=state_log_scale, dropout_p=dropout_p,
+        )
+        if out is not None:
+            return out
     terms = state_terms(q, z, kappa, phi, state_log_scale)
     return IMPLEMENTATIONS[implementation](
         q, k, v, terms, attn_mask=attn_mask, is_causal=is_causal, scale=scale, dropout_p=dropout_p

@@ -25,9 +25,10 @@ import torch
 
 from .fused import fused_attention
 from .masks import combined_mask
-from .state import StateTerms
+from .feature_maps import FeatureMap
+from .state import State, StateTerms, grouped_state_terms
 
-__all__ = ["lse_attention", "lse_supported"]
+__all__ = ["lse_attention", "lse_inference", "lse_supported"]
 
 # e^x above this overflows float32: the state's weight is clipped there, as in the naive path
 # (only a state with zero mass but a non-zero numerator reaches it).
@@ -130,28 +131,66 @@ def lse_attention(
     return out.reshape(batch, q_heads, q_len, out.shape[-1]) if fold else out
 
 
+def lse_inference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    z: State,
+    kappa: torch.Tensor,
+    feature_map: FeatureMap,
+    *,
+    is_causal: bool,
+    scale: float,
+    state_log_scale: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor | None:
+    """The lse path without autograd and without a mask (decoding, ``generate``), in the fewest
+    ops: the state terms are evaluated in the layout the kernel runs in (GQA query heads
+    folded into the query length) and never reshaped, and a zero log offset is never built.
+    Returns None for calls it does not take (a mask, autograd, a causal GQA block with Lq > 1,
+    what :func:`lse_supported` rejects): :func:`lse_attention` computes those. Tests compare
+    it with the naive twin like every path."""
+    if torch.is_grad_enabled() or not lse_supported(q, v, dropout_p):
+        return None
+    batch, q_heads, q_len, head_dim = q.shape
+    kv_heads, k_len = k.shape[1], k.shape[2]
+    groups = q_heads // kv_heads
+    causal = is_causal and q_len > 1  # one query sees every key (bottom-right alignment)
+    if causal and not (q_len == k_len and groups == 1):
+        return None
+    grouped = q.reshape(batch, kv_heads, groups * q_len, head_dim)  # [B, Hkv, G * Lq, D]
+    log_offset, mass, numer = grouped_state_terms(grouped, z, kappa, feature_map, state_log_scale)
+    mass = mass.clamp_min_(0)  # a view of a temporary: no autograd runs here
+    out = _merge(grouped, k, v, log_offset, mass, numer, None, None, causal, scale)[0]
+    return out.reshape(batch, q_heads, q_len, out.shape[-1])
+
+
 def _merge(q, k, v, log_offset, mass, numer, mask, empty, causal, scale, for_backward=False):
-    """Forward of :class:`_LseMerge`: out, and with ``for_backward`` what its backward needs."""
+    """Forward of :class:`_LseMerge`: out, and with ``for_backward`` what its backward needs.
+    ``log_offset`` None means 0. Temporaries are updated in place (no autograd runs here)."""
     forward_kernel, _ = _KERNELS
     exact, lse = forward_kernel(q, k, v, 0.0, causal, attn_mask=mask, scale=scale)
     compute = numer.dtype
-    log_sum = lse.to(compute)
+    log_sum = lse if lse.dtype == compute else lse.to(compute)
     if empty is not None:  # rows that see no key: the kernel says lse = 0, the truth is -inf
         log_sum = log_sum.masked_fill(empty, float("-inf"))
-    merged = torch.logaddexp(log_sum, log_offset + mass.log())  # log(S + a)
+    log_mass = mass.log()  # log a
+    if log_offset is not None:
+        log_mass += log_offset
+    merged = torch.logaddexp(log_sum, log_mass)  # log(S + a)
     finite = None
     if empty is not None:  # merged = -inf where a row sees no key and a = 0
         finite = merged > float("-inf")
         merged = torch.where(finite, merged, 0.0)  # any finite shift: both weights are 0 there
     # Without a mask every row sees a key (lse finite), so merged is finite.
-    exact_weight = (log_sum - merged).exp()  # S / (S + a)
-    state_weight = (log_offset - merged).clamp_max(_MAX_EXPONENT).exp()  # c = e^{o_s} / (S + a)
+    exact_weight = (log_sum - merged).exp_()  # S / (S + a)
+    state_weight = (-merged if log_offset is None else log_offset - merged)
+    state_weight = state_weight.clamp_max_(_MAX_EXPONENT).exp_()  # c = e^{o_s} / (S + a)
     if finite is not None:
-        state_weight = state_weight * finite
-    result = torch.addcmul(
-        exact_weight.unsqueeze(-1) * exact.to(compute), state_weight.unsqueeze(-1), numer
-    )
-    out = result.to(q.dtype)
+        state_weight *= finite
+    result = exact.to(compute, copy=True) if exact.dtype != compute else exact
+    result.mul_(exact_weight.unsqueeze(-1)).addcmul_(state_weight.unsqueeze(-1), numer)
+    out = result if result.dtype == q.dtype else result.to(q.dtype)
     if not for_backward:
         return out, None, None, None
     # The kernel's backward reads P_ij = e^{l_ij - lse'}: +inf where the row is empty.

@@ -18,6 +18,7 @@ __all__ = [
     "MASS_FLOOR",
     "StateTerms",
     "deferred_nonnegative_projection",
+    "grouped_state_terms",
     "nonnegative",
     "prefix_to_state",
     "project_nonnegative_grad",
@@ -69,39 +70,61 @@ def state_terms(
     """
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads = kappa.shape[-2]
-    groups = q_heads // kv_heads
-    compute_dtype = torch.promote_types(q.dtype, torch.float32)
-    grouped = q.reshape(batch, kv_heads, groups * q_len, head_dim)
-    features, offset = feature_map.log_forward(grouped)  # [B, Hkv, N, r], [B, Hkv, N, 1]
+    grouped = q.reshape(batch, kv_heads, (q_heads // kv_heads) * q_len, head_dim)
+    offset, mass, numer = grouped_state_terms(grouped, z, kappa, feature_map, state_log_scale)
+    offset = torch.zeros_like(mass) if offset is None else offset.expand(mass.shape)
+    return StateTerms(
+        log_offset=offset.reshape(batch, q_heads, q_len),
+        mass=mass.reshape(batch, q_heads, q_len),
+        numer=numer.reshape(batch, q_heads, q_len, numer.shape[-1]),
+    )
+
+
+def grouped_state_terms(
+    grouped: torch.Tensor,
+    z: State,
+    kappa: torch.Tensor,
+    feature_map: FeatureMap,
+    state_log_scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """:func:`state_terms` for queries already grouped by KV head, [B, Hkv, N, D]: returns
+    (log_offset, mass, numer) shaped [B, Hkv, N], [B, Hkv, N], [B, Hkv, N, Dv] in float32
+    (float64 for float64 queries). log_offset is None where it is 0 (maps with the default
+    ``log_forward`` and no state_log_scale), else broadcastable to [B, Hkv, N]."""
+    compute_dtype = torch.promote_types(grouped.dtype, torch.float32)
+    if type(feature_map).log_forward is FeatureMap.log_forward:  # offset 0: skip it
+        features, offset = feature_map(grouped), None  # [B, Hkv, N, r]
+    else:
+        features, offset = feature_map.log_forward(grouped)  # [B, Hkv, N, r], [B, Hkv, N, 1]
     if features.shape[:-1] != grouped.shape[:-1] or features.shape[-1] != kappa.shape[-1]:
         raise ValueError(
             f"feature_map maps {tuple(grouped.shape)} to {tuple(features.shape)}; expected "
             f"[..., r] with r = {kappa.shape[-1]} from kappa {tuple(kappa.shape)}"
         )
-    features = features.to(compute_dtype)
-    offset = offset.to(compute_dtype).squeeze(-1)
+    features = _as(features, compute_dtype)
 
-    # One matmul gives phi^T [Z | kappa] (or phi^T [Z_A | kappa]): [Hkv, r, .] or per row
-    # [B, Hkv, r, .] broadcasts against features [B, Hkv, N, r].
-    kappa = kappa.to(compute_dtype).unsqueeze(-1)  # [(B,) Hkv, r, 1]
+    # Matmuls against [Hkv, r, .] or per row [B, Hkv, r, .] broadcast over features
+    # [B, Hkv, N, r]. (Not one matmul against [Z | kappa]: its cat copies the whole state on
+    # every call, and at decoding the state is read from memory, not cache.)
+    mass = (features @ _as(kappa, compute_dtype).unsqueeze(-1)).squeeze(-1)  # [B, Hkv, N]
     if isinstance(z, tuple):
-        z_a, z_b = (t.to(compute_dtype) for t in z)
-        both = features @ torch.cat([z_a, kappa], -1)  # [B, Hkv, N, s + 1]
-        numer = both[..., :-1] @ z_b
+        z_a, z_b = (_as(t, compute_dtype) for t in z)
+        numer = (features @ z_a) @ z_b  # [B, Hkv, N, D]
     else:
-        both = features @ torch.cat([z.to(compute_dtype), kappa], -1)  # [B, Hkv, N, D + 1]
-        numer = both[..., :-1]
-    mass = both[..., -1]
+        numer = features @ _as(z, compute_dtype)  # [B, Hkv, N, D]
+    if offset is not None:
+        offset = _as(offset, compute_dtype).squeeze(-1)
     if state_log_scale is not None:
-        scale = state_log_scale.to(compute_dtype)
-        offset = offset + (scale.unsqueeze(-1) if scale.dim() >= 1 else scale)
+        scale = _as(state_log_scale, compute_dtype)
+        scale = scale.unsqueeze(-1) if scale.dim() >= 1 else scale  # [(B,) Hkv, 1]
+        offset = scale if offset is None else offset + scale
+    return offset, mass, numer
 
-    value_dim = numer.shape[-1]
-    return StateTerms(
-        log_offset=offset.reshape(batch, q_heads, q_len),
-        mass=mass.reshape(batch, q_heads, q_len),
-        numer=numer.reshape(batch, q_heads, q_len, value_dim),
-    )
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)`` without the dispatch when it is a no-op (decoding calls this per layer
+    and token, where each op's host cost counts)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 class _NonNegative(torch.autograd.Function):

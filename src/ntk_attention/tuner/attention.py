@@ -112,6 +112,8 @@ def _make_attention_function(family: AttentionFamily) -> AttentionFn:
         state = module._modules.get(STATE_ATTR)
         if state is None:
             groups = [RowGroup(None, None)]
+        elif row_names is None:  # one state for every row: nothing is stacked
+            groups = state.plan(None, query.shape[0])
         else:
             with _no_autocast(query.device.type):  # stacked states in fp32
                 groups = state.plan(row_names, query.shape[0])
