@@ -7,6 +7,7 @@ from .attention import (
     ntk_attention_fused,
     ntk_attention_lse,
     ntk_attention_naive,
+    ntk_attention_unchecked,
 )
 from .feature_maps import (
     FEATURE_MAPS,
@@ -40,6 +41,7 @@ __all__ = [
     "ntk_attention_fused",
     "ntk_attention_lse",
     "ntk_attention_naive",
+    "ntk_attention_unchecked",
     "prefix_attention",
     "prefix_to_state",
 ]

@@ -22,6 +22,7 @@ __all__ = [
     "ntk_attention_fused",
     "ntk_attention_lse",
     "ntk_attention_naive",
+    "ntk_attention_unchecked",
 ]
 
 # "lse" hands the calls its kernel cannot take (GPU, dropout, Dv != D) to "fused" itself.
@@ -75,14 +76,41 @@ def ntk_attention(
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     phi = resolve_feature_map(feature_map, q.shape[-1], r, scale, q.device)
+    return ntk_attention_unchecked(
+        q, k, v, z, kappa, feature_map=phi, attn_mask=attn_mask, is_causal=is_causal,
+        scale=scale, state_log_scale=state_log_scale, dropout_p=dropout_p,
+        implementation=implementation,
+    )
+
+
+def ntk_attention_unchecked(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    z: State,
+    kappa: torch.Tensor,
+    *,
+    feature_map: FeatureMap,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float,
+    state_log_scale: torch.Tensor | None,
+    dropout_p: float,
+    implementation: str,
+) -> torch.Tensor:
+    """:func:`ntk_attention` after its input checks, which it runs; for callers whose inputs
+    are right by construction (the adapter: q, k, v come from the model and the state was
+    built for the layer's geometry at injection), where the checks' host cost counts (one call
+    per layer and token when decoding). ``feature_map`` is a FeatureMap, ``scale`` a float and
+    ``implementation`` one of IMPLEMENTATIONS."""
     if implementation == "lse" and attn_mask is None:
         out = lse_inference(
-            q, k, v, z, kappa, phi, is_causal=is_causal, scale=scale,
+            q, k, v, z, kappa, feature_map, is_causal=is_causal, scale=scale,
             state_log_scale=state_log_scale, dropout_p=dropout_p,
         )
         if out is not None:
             return out
-    terms = state_terms(q, z, kappa, phi, state_log_scale)
+    terms = state_terms(q, z, kappa, feature_map, state_log_scale)
     return IMPLEMENTATIONS[implementation](
         q, k, v, terms, attn_mask=attn_mask, is_causal=is_causal, scale=scale, dropout_p=dropout_p
     )

@@ -73,7 +73,7 @@ def state_terms(
     grouped = q.reshape(batch, kv_heads, (q_heads // kv_heads) * q_len, head_dim)
     offset, mass, numer = grouped_state_terms(grouped, z, kappa, feature_map, state_log_scale)
     offset = torch.zeros_like(mass) if offset is None else offset.expand(mass.shape)
-    return StateTerms(
+    return StateTerms(  # [B, Hkv, N, 1] -> [B, Hq, Lq]
         log_offset=offset.reshape(batch, q_heads, q_len),
         mass=mass.reshape(batch, q_heads, q_len),
         numer=numer.reshape(batch, q_heads, q_len, numer.shape[-1]),
@@ -88,9 +88,10 @@ def grouped_state_terms(
     state_log_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """:func:`state_terms` for queries already grouped by KV head, [B, Hkv, N, D]: returns
-    (log_offset, mass, numer) shaped [B, Hkv, N], [B, Hkv, N], [B, Hkv, N, Dv] in float32
-    (float64 for float64 queries). log_offset is None where it is 0 (maps with the default
-    ``log_forward`` and no state_log_scale), else broadcastable to [B, Hkv, N]."""
+    (log_offset, mass, numer) shaped [B, Hkv, N, 1], [B, Hkv, N, 1], [B, Hkv, N, Dv] in
+    float32 (float64 for float64 queries); the trailing 1 broadcasts against numer. log_offset
+    is None where it is 0 (maps with the default ``log_forward`` and no state_log_scale), else
+    broadcastable to [B, Hkv, N, 1]."""
     compute_dtype = torch.promote_types(grouped.dtype, torch.float32)
     if type(feature_map).log_forward is FeatureMap.log_forward:  # offset 0: skip it
         features, offset = feature_map(grouped), None  # [B, Hkv, N, r]
@@ -106,17 +107,17 @@ def grouped_state_terms(
     # Matmuls against [Hkv, r, .] or per row [B, Hkv, r, .] broadcast over features
     # [B, Hkv, N, r]. (Not one matmul against [Z | kappa]: its cat copies the whole state on
     # every call, and at decoding the state is read from memory, not cache.)
-    mass = (features @ _as(kappa, compute_dtype).unsqueeze(-1)).squeeze(-1)  # [B, Hkv, N]
+    mass = features @ _as(kappa, compute_dtype).unsqueeze(-1)  # [B, Hkv, N, 1]
     if isinstance(z, tuple):
         z_a, z_b = (_as(t, compute_dtype) for t in z)
         numer = (features @ z_a) @ z_b  # [B, Hkv, N, D]
     else:
         numer = features @ _as(z, compute_dtype)  # [B, Hkv, N, D]
     if offset is not None:
-        offset = _as(offset, compute_dtype).squeeze(-1)
+        offset = _as(offset, compute_dtype)
     if state_log_scale is not None:
         scale = _as(state_log_scale, compute_dtype)
-        scale = scale.unsqueeze(-1) if scale.dim() >= 1 else scale  # [(B,) Hkv, 1]
+        scale = scale[..., None, None] if scale.dim() >= 1 else scale  # [(B,) Hkv, 1, 1]
         offset = scale if offset is None else offset + scale
     return offset, mass, numer
 
