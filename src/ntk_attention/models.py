@@ -239,15 +239,22 @@ def convert_dinov2_onnx(onnx_path: str | os.PathLike, out_dir: str | os.PathLike
     from transformers import Dinov2Config, Dinov2Model
 
     state = _dinov2_state_dict(onnx.load(str(onnx_path)).graph)
-    hidden = state["embeddings.cls_token"].shape[-1]
-    patch = state["embeddings.patch_embeddings.projection.weight"].shape[-1]
-    grid = math.isqrt(state["embeddings.position_embeddings"].shape[1] - 1)
-    layers = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("encoder.layer."))
+    try:
+        hidden = state["embeddings.cls_token"].shape[-1]
+        patch = state["embeddings.patch_embeddings.projection.weight"].shape[-1]
+        grid = math.isqrt(state["embeddings.position_embeddings"].shape[1] - 1)
+        layers = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("encoder.layer."))
+        mlp_ratio = state["encoder.layer.0.mlp.fc1.weight"].shape[0] // hidden
+    except (KeyError, ValueError) as err:  # a weight missing; no encoder layers at all
+        raise ModelUnavailableError(
+            f"{onnx_path}: cannot read the DINOv2 architecture off the ONNX weights "
+            f"({type(err).__name__}: {err})"
+        ) from err
     config = Dinov2Config(
         hidden_size=hidden,
         num_hidden_layers=layers,
         num_attention_heads=hidden // 64,
-        mlp_ratio=state["encoder.layer.0.mlp.fc1.weight"].shape[0] // hidden,
+        mlp_ratio=mlp_ratio,
         patch_size=patch,
         image_size=patch * grid,
         layer_norm_eps=1e-6,
