@@ -1,15 +1,18 @@
-"""Speed and peak memory of NTK-Attention's fused path, side by side with plain SDPA, its naive
+"""Speed and peak memory of NTK-Attention's lse and fused paths, side by side with plain SDPA, their
 twin and exact prefix attention.
 
 For B=4, H=8, D=64, causal, L in {512, 1024, 2048} it measures forward (under no_grad) and
 forward+backward (gradients for q, k, v and the state or prefix) of
 
     sdpa      torch SDPA, no state: the floor NTK-Attention is compared to
-    fused     ntk_attention(..., implementation="fused"), feature map "elu" (r = D)
+    lse       ntk_attention(..., implementation="lse"): the kernel's log-sum-exp merged with the
+              state in closed form (the default, "auto", on CPU; on CUDA it hands over to fused)
+    fused     ntk_attention(..., implementation="fused"), feature map "elu" (r = D): the state
+              as one extra key/value column of SDPA
     naive     ntk_attention(..., implementation="naive"): the twin that materialises scores
     prefix m  prefix_attention with m in {64, 256, 1024, 4096} trainable prefix keys/values
 
-and the peak memory of one forward at L = 8192 for fused vs SDPA.
+and the peak memory of one forward at L = 8192 for lse and fused vs SDPA.
 
 Timing: every contender runs twice to warm up, then ``--rounds`` rounds in which each contender
 is measured once, in an order rotated every round, so that ratios are measured side by side
@@ -89,10 +92,10 @@ def make_inputs(config: Config, length: int, prefix_len: int = 0, grad: bool = F
 
 
 def contender(name: str) -> Callable[[dict], torch.Tensor]:
-    """The attention call named ``name`` ("sdpa", "fused", "naive", "prefix")."""
+    """The attention call named ``name`` ("sdpa", "lse", "fused", "naive", "prefix")."""
     if name == "sdpa":
         return lambda t: F.scaled_dot_product_attention(t["q"], t["k"], t["v"], is_causal=True)
-    if name in ("fused", "naive"):
+    if name in ("lse", "fused", "naive"):
         return lambda t: ntk_attention(
             t["q"], t["k"], t["v"], t["z"], t["kappa"], feature_map="elu", is_causal=True,
             implementation=name,
@@ -161,7 +164,7 @@ def measure_speed(config: Config) -> list[dict]:
     for length in config.lengths:
         for mode in ("fwd", "fwd+bwd"):
             runners = {name: Runner(config, name, length, mode)
-                       for name in ("sdpa", "fused") + (("naive",) if config.naive else ())}
+                       for name in ("sdpa", "lse", "fused") + (("naive",) if config.naive else ())}
             for m in config.prefix_lengths:
                 runners[f"prefix{m}"] = Runner(config, "prefix", length, mode, prefix_len=m)
             min_measurement_s = 0.05 if config.device == "cuda" else 0.0
@@ -206,7 +209,7 @@ def measure_memory(config: Config) -> dict:
     element = torch.empty((), dtype=DTYPES[config.dtype]).element_size()
     results: dict = {"tensor_bytes": config.batch * config.heads * config.memory_length
                      * config.head_dim * element}
-    for name in ("sdpa", "fused"):
+    for name in ("sdpa", "lse", "fused"):
         command = [sys.executable, __file__, "--memory-child", name,
                    "--config-json", json.dumps(dataclasses.asdict(config))]
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
@@ -236,55 +239,61 @@ def markdown(config: Config, rows: list[dict], memory: dict | None) -> str:
          f"{config.device}; times in ms, median of {config.rounds} interleaved rounds; a ratio "
          "is the median over rounds of the two contenders' times in the same round."),
         "",
-        "| L | mode | SDPA | fused | naive | fused / SDPA | naive / fused |",
-        "|---|---|---|---|---|---|---|",
+        ("| L | mode | SDPA | lse | fused | naive | lse / SDPA | fused / SDPA | naive / lse "
+         "| naive / fused |"),
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         med = row["median_s"]
         naive = med.get("naive")
         naive_ms = ms(naive) if naive else "-"
-        naive_ratio = f"{round_ratio(row, 'naive', 'fused'):.2f}x" if naive else "-"
+        naive_ratios = [f"{round_ratio(row, 'naive', path):.2f}x" if naive else "-"
+                        for path in ("lse", "fused")]
         lines.append(
-            f"| {row['length']} | {row['mode']} | {ms(med['sdpa'])} | {ms(med['fused'])} | "
-            f"{naive_ms} | {round_ratio(row, 'fused', 'sdpa'):.2f}x | {naive_ratio} |"
+            f"| {row['length']} | {row['mode']} | {ms(med['sdpa'])} | {ms(med['lse'])} | "
+            f"{ms(med['fused'])} | {naive_ms} | {round_ratio(row, 'lse', 'sdpa'):.2f}x | "
+            f"{round_ratio(row, 'fused', 'sdpa'):.2f}x | {' | '.join(naive_ratios)} |"
         )
     if config.prefix_lengths:
-        lines += ["", ("Exact prefix attention with m prefix keys, against the fused NTK state "
+        lines += ["", ("Exact prefix attention with m prefix keys, against the NTK state on its lse path "
                        "(whose cost does not depend on m):"), "",
                   "| L | mode | " + " | ".join(f"m={m}" for m in config.prefix_lengths)
-                  + " | " + " | ".join(f"m={m} / fused" for m in config.prefix_lengths) + " |",
+                  + " | " + " | ".join(f"m={m} / lse" for m in config.prefix_lengths) + " |",
                   "|---|---|" + "---|" * (2 * len(config.prefix_lengths))]
         for row in rows:
             med = row["median_s"]
             times = [med[f"prefix{m}"] for m in config.prefix_lengths]
-            ratios = [round_ratio(row, f"prefix{m}", "fused") for m in config.prefix_lengths]
+            ratios = [round_ratio(row, f"prefix{m}", "lse") for m in config.prefix_lengths]
             lines.append(
                 f"| {row['length']} | {row['mode']} | " + " | ".join(ms(t) for t in times)
                 + " | " + " | ".join(f"{r:.2f}x" for r in ratios) + " |"
             )
     if memory:
-        sdpa, fused = memory["sdpa"]["peak_bytes"], memory["fused"]["peak_bytes"]
+        sdpa = memory["sdpa"]["peak_bytes"]
         lines += ["", (f"Peak memory of one forward at L={config.memory_length} "
-                       f"({memory['sdpa']['method']}):"), "",
-                  "| SDPA | fused | fused / SDPA | fused - SDPA | one [B, H, L, D] tensor |",
-                  "|---|---|---|---|---|",
-                  (f"| {sdpa / 2**20:.0f} MiB | {fused / 2**20:.0f} MiB | {fused / sdpa:.2f}x | "
-                   f"{(fused - sdpa) / 2**20:.0f} MiB | "
-                   f"{memory['tensor_bytes'] / 2**20:.0f} MiB |")]
+                       f"({memory['sdpa']['method']}); one [B, H, L, D] tensor is "
+                       f"{memory['tensor_bytes'] / 2**20:.0f} MiB:"), "",
+                  "| path | peak | / SDPA | - SDPA |", "|---|---|---|---|"]
+        for name in ("sdpa", "lse", "fused"):
+            peak = memory[name]["peak_bytes"]
+            lines.append(f"| {name} | {peak / 2**20:.0f} MiB | {peak / sdpa:.2f}x | "
+                         f"{(peak - sdpa) / 2**20:.0f} MiB |")
         naive_scores = config.batch * config.heads * config.memory_length**2 * 4
         lines.append(f"\n(naive not run: its fp32 scores alone would take "
                      f"{naive_scores / 2**30:.1f} GiB.)")
     target = 2048 if 2048 in config.lengths else max(config.lengths)
-    fused_sdpa = ratio(rows, target, "fwd+bwd", "fused", "sdpa")
-    lines += ["", f"Targets at L={target}:",
-              (f"- fused <= 1.3x SDPA forward+backward: {fused_sdpa:.2f}x "
-               f"({'met' if fused_sdpa <= 1.3 else 'NOT met'})")]
+    lines += ["", f"Targets at L={target} (lse is the default path on CPU):"]
+    for path in ("lse", "fused"):
+        over_sdpa = ratio(rows, target, "fwd+bwd", path, "sdpa")
+        lines.append(f"- {path} <= 1.3x SDPA forward+backward: {over_sdpa:.2f}x "
+                     f"({'met' if over_sdpa <= 1.3 else 'NOT met'})")
     if config.naive:
-        speedup = ratio(rows, target, "fwd+bwd", "naive", "fused")
-        speedup_fwd = ratio(rows, target, "fwd", "naive", "fused")
-        lines.append(f"- fused >= 4x faster than naive: forward+backward {speedup:.2f}x, "
-                     f"forward {speedup_fwd:.2f}x "
-                     f"({'met' if min(speedup, speedup_fwd) >= 4 else 'NOT met'})")
+        for path in ("lse", "fused"):
+            speedup = ratio(rows, target, "fwd+bwd", "naive", path)
+            speedup_fwd = ratio(rows, target, "fwd", "naive", path)
+            lines.append(f"- {path} >= 4x faster than naive: forward+backward {speedup:.2f}x, "
+                         f"forward {speedup_fwd:.2f}x "
+                         f"({'met' if min(speedup, speedup_fwd) >= 4 else 'NOT met'})")
     return "\n".join(lines) + "\n"
 
 

@@ -99,7 +99,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser, *, defaults: dict | No
     method.add_argument("--lora-r", type=int, default=base["lora_r"],
                         help="lora: rank (default: %(default)s)")
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--lr", type=float, help="learning rate (default: the method's: ntk 1e-2,"
+    optim.add_argument("--lr", type=float, help="learning rate (default: the method's: ntk 1e-1,"
                        " lora 1e-3, prefix 1e-2, prompt 3e-2, full 5e-5)")
     optim.add_argument("--epochs", type=int, default=base["epochs"])
     optim.add_argument("--max-steps", type=int, default=base["max_steps"],
