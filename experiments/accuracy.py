@@ -37,6 +37,12 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "prefix-64": ("prefix", {"prefix_length": 64}),
     "prompt": ("prompt", {"prefix_length": 16}),
     "full": ("full", {}),
+    # Ablations of NTK-Attention (--variants ntk-...): feature map, its dimension r, low rank s.
+    "ntk-favor": ("ntk", {"feature_map": "favor"}),
+    "ntk-favor-r128": ("ntk", {"feature_map": "favor", "r": 128}),
+    "ntk-taylor": ("ntk", {"feature_map": "taylor"}),
+    "ntk-rank4": ("ntk", {"rank": 4}),
+    "ntk-rank16": ("ntk", {"rank": 16}),
 }
 # The metric that picks the learning rate and leads the table, per task kind.
 LEAD_METRIC = {"accuracy": True, "perplexity": False, "exact_match": True}
@@ -108,7 +114,7 @@ def summarise(records: list[dict]) -> list[dict]:
 
 def markdown(rows: list[dict], args: argparse.Namespace, scale: Scale, env: dict) -> str:
     lines = [
-        "# Accuracy: NTK-Attention vs LoRA, prefix tuning, prompt tuning, full fine-tuning",
+        f"# {args.title}",
         "",
         f"`{env['command']}`",
         "",
@@ -149,7 +155,7 @@ def plot(rows: list[dict], path: Path) -> None:
         name = next(k for k in LEAD_METRIC if k in mine[0])
         means = [r[name][0] for r in mine]
         stds = [r[name][1] for r in mine]
-        colors = ["tab:red" if r["variant"] == "ntk" else "tab:gray" for r in mine]
+        colors = ["tab:red" if r["variant"].startswith("ntk") else "tab:gray" for r in mine]
         ax.bar([r["variant"] for r in mine], means, yerr=stds, color=colors, capsize=3)
         ax.set_title(f"{task}: test {name}")
         ax.tick_params(axis="x", rotation=30)
@@ -182,6 +188,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int)
     parser.add_argument("--runs", type=Path, default=Path("runs/accuracy"))
     parser.add_argument("--output", type=Path, default=Path("docs/results/accuracy"))
+    parser.add_argument("--title", default="Accuracy: NTK-Attention vs LoRA, prefix tuning, "
+                        "prompt tuning, full fine-tuning", help="heading of OUTPUT.md")
     args = parser.parse_args()
     if 0 not in args.seeds:
         parser.error("--seeds must include 0 (the learning-rate grid runs on seed 0)")
