@@ -30,6 +30,7 @@ from collections.abc import Callable
 from torch import nn
 
 __all__ = [
+    "HEAD_NAMES",
     "METHODS",
     "Method",
     "MethodError",
@@ -52,6 +53,7 @@ _HEAD_KINDS = frozenset({"classification", "image-classification"})
 
 # Candidate task-head attribute names, as PEFT's SEQ_CLS default.
 _HEAD_CANDIDATES = ("classifier", "score")
+HEAD_NAMES = frozenset(_HEAD_CANDIDATES)
 
 # LoRA targets by architecture: the first group whose names all occur in the model wins.
 _LORA_TARGETS = (

@@ -1,0 +1,54 @@
+"""The optimizer's learning rates: the adapter's ``lr`` and the task head's ``head_lr``
+(a freshly initialised classifier trained beside an adapter; capped by default for image
+tasks, whose backbone features are large)."""
+
+from __future__ import annotations
+
+import pytest
+
+from ntk_attention.testing_models import ARCHITECTURES
+from ntk_attention.train.loop import KINDS, RunError, TrainConfig, parameter_groups
+from ntk_attention.train.methods import MethodOptions, build_method
+
+
+def _config(**overrides) -> TrainConfig:
+    return TrainConfig(task="bbc-news", method="ntk", **overrides)
+
+
+def test_head_lr_defaults_to_lr_and_is_capped_for_image_tasks():
+    text, image = KINDS["classification"], KINDS["image-classification"]
+    assert _config(lr=0.1).head_learning_rate(text) == 0.1
+    assert _config(lr=0.1).head_learning_rate(image) == image.head_lr_cap == 1e-3
+    assert _config(lr=1e-4).head_learning_rate(image) == 1e-4  # a cap, not a floor
+    assert _config(lr=0.1, head_lr=0.05).head_learning_rate(image) == 0.05  # explicit wins
+
+
+@pytest.mark.parametrize("value", [0.0, -1e-3, float("nan"), float("inf")])
+def test_bad_head_lr_is_refused_naming_the_flag(value):
+    with pytest.raises(RunError, match="--head-lr must be a positive number"):
+        _config(head_lr=value)
+
+
+@pytest.mark.parametrize(
+    ("arch", "kind", "method"),
+    [("bert", "classification", "ntk"), ("bert", "classification", "lora"),
+     ("vit", "image-classification", "ntk")],
+)
+def test_head_parameters_get_head_lr_and_the_adapter_gets_lr(arch, kind, method):
+    model = build_method(method, ARCHITECTURES[arch].build(), kind, MethodOptions())
+    names = {id(p): name for name, p in model.named_parameters() if p.requires_grad}
+    groups = parameter_groups(model, lr=0.1, head_lr=1e-3)
+    assert [g["lr"] for g in groups] == [0.1, 1e-3]
+    adapter, head = ({names[id(p)] for p in g["params"]} for g in groups)
+    assert adapter | head == set(names.values()) and not adapter & head
+    assert head and all("classifier" in name.split(".") for name in head)
+    marker = "ntk_" if method == "ntk" else "lora_"
+    assert adapter and all(marker in name for name in adapter)
+
+
+def test_equal_rates_give_one_group_of_every_trainable_parameter():
+    model = build_method("ntk", ARCHITECTURES["bert"].build(), "classification", MethodOptions())
+    groups = parameter_groups(model, lr=0.01, head_lr=0.01)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(groups) == 1 and groups[0]["lr"] == 0.01
+    assert [id(p) for p in groups[0]["params"]] == [id(p) for p in trainable]
