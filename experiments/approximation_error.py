@@ -173,7 +173,7 @@ def plot(rows, columns, path):
 
     regimes = sorted({row["regime"] for row in rows}, key=["small", "unit"].index)
     fig, axes = plt.subplots(1, len(regimes), figsize=(6 * len(regimes), 4.5), squeeze=False)
-    for ax, regime in zip(axes[0], regimes):
+    for ax, regime in zip(axes[0], regimes, strict=False):
         subset = [row for row in rows if row["regime"] == regime]
         lengths = [row["prefix_length"] for row in subset]
         for column in columns:

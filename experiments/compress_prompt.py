@@ -373,7 +373,7 @@ def plot(document: dict, path: Path) -> None:
 
     lengths = list(document["summary"])
     fig, axes = plt.subplots(1, len(lengths), figsize=(6 * len(lengths), 4.2), squeeze=False)
-    for ax, m in zip(axes[0], lengths):
+    for ax, m in zip(axes[0], lengths, strict=False):
         for method in ("sink+recent", "snapkv", "favor (closed)", "exp (init)", "exp (trained)", "elu (trained)"):
             budgets = document["summary"][m].get(method, {})
             xs = [FRACTIONS[b] for b in FRACTIONS if b in budgets]

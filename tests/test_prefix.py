@@ -93,7 +93,7 @@ def test_prefix_attention_matches_float64_reference(name):
     weight = torch.randn_like(expected)
     (out * weight.float()).sum().backward()
     (expected * weight).sum().backward()
-    for leaf_name, leaf in zip(("q", "k", "v", "prefix_k", "prefix_v"), leaves):
+    for leaf_name, leaf in zip(("q", "k", "v", "prefix_k", "prefix_v"), leaves, strict=False):
         close(leaf.grad, reference_inputs[leaf_name].grad, 1e-4, f"{name} d/d{leaf_name}")
 
 

@@ -131,7 +131,7 @@ def test_passthrough_and_forward_signature():
     params = inspect.signature(ntk.forward).parameters
     assert {"input_ids", "attention_mask", "labels", "adapter_names"} <= set(params)
     with pytest.raises(AttributeError):
-        ntk.no_such_attribute
+        _ = ntk.no_such_attribute
 
 
 def test_unsupported_architecture_lists_supported_ones():

@@ -12,8 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from ntk_attention import NTKConfig, NTKModel, get_ntk_model
 from ntk_attention.testing_models import ARCHITECTURES, randomize_adapter
-from ntk_attention.tuner import AdapterLoadError
-from ntk_attention.tuner import save_load
+from ntk_attention.tuner import AdapterLoadError, save_load
 
 LLAMA = ARCHITECTURES["llama"]
 

@@ -12,7 +12,6 @@ is one line in ``ARCHITECTURES``.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from typing import Any
 
 import torch

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import torch
 
+from .feature_maps import FeatureMap
 from .fused import fused_attention
 from .masks import combined_mask
-from .feature_maps import FeatureMap
 from .state import State, StateTerms, grouped_state_terms
 
 __all__ = ["lse_attention", "lse_inference", "lse_supported"]

@@ -92,7 +92,7 @@ def check_state(
     def expect(name: str, t: torch.Tensor, tail: tuple[int | None, ...]) -> None:
         want = lead + tail
         ok = isinstance(t, torch.Tensor) and t.dim() == len(want)
-        ok = ok and all(w is None or w == s for w, s in zip(want, t.shape))
+        ok = ok and all(w is None or w == s for w, s in zip(want, t.shape, strict=False))
         if not ok:
             got = _shape(t) if isinstance(t, torch.Tensor) else type(t).__name__
             shown = ", ".join("s" if w is None else str(w) for w in want)

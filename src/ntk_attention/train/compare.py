@@ -98,7 +98,7 @@ def plot_comparison(runs: dict[str, dict[str, Any]], title: str) -> bytes:
     methods = list(runs)
     values = [runs[m]["metrics"]["test"][primary] for m in methods]
     bars = right.bar(methods, values, color=[f"C{i}" for i in range(len(methods))])
-    for bar, method in zip(bars, methods):
+    for bar, method in zip(bars, methods, strict=False):
         right.annotate(
             f"{runs[method]['trainable_parameters']:,} params",
             (bar.get_x() + bar.get_width() / 2, bar.get_height()),

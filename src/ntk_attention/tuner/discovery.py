@@ -37,7 +37,7 @@ class UnsupportedModelError(ValueError):
     """The model cannot carry an NTK-Attention adapter (the message says why)."""
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _dispatches_through_interface(cls: type) -> bool:
     try:
         source = inspect.getsource(cls.forward)

@@ -208,7 +208,7 @@ class NTKState(nn.Module):
                 return False
             other_buffers = list(other.buffers())
             if len(other_buffers) != len(first_buffers) or not all(
-                torch.equal(a, b) for a, b in zip(first_buffers, other_buffers)
+                torch.equal(a, b) for a, b in zip(first_buffers, other_buffers, strict=False)
             ):
                 return False
         implementations = {self.configs[n].implementation for n in names}

@@ -37,7 +37,13 @@ from .discovery import (
 )
 from .layer import STATE_ATTR, Geometry, ModulesToSaveWrapper, NTKState
 from .positions import PositionOffsetHooks
-from .routing import ADAPTER_NAMES_KWARG, BASE_ADAPTER, call_adapter_names, current_adapter_names, expand_rows
+from .routing import (
+    ADAPTER_NAMES_KWARG,
+    BASE_ADAPTER,
+    call_adapter_names,
+    current_adapter_names,
+    expand_rows,
+)
 from .save_load import (
     AdapterLoadError,
     base_tensors_for_fingerprint,

@@ -70,7 +70,7 @@ def build(seed: int) -> datasets.DatasetDict:
         {"text": datasets.Value("string"), "label": datasets.ClassLabel(names=list(LABEL_NAMES))}
     )
     test_texts = set(files["test"][0])
-    train_rows = [(t, y) for t, y in zip(*files["train"]) if t not in test_texts]
+    train_rows = [(t, y) for t, y in zip(*files["train"], strict=False) if t not in test_texts]
     train_texts, train_labels = [t for t, _ in train_rows], [y for _, y in train_rows]
     parts = split_indices(len(train_texts), {"validation": 0.15}, seed=seed, labels=train_labels)
     columns = {

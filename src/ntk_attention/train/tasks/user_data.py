@@ -89,7 +89,7 @@ def _read_csv(path: Path, text: str) -> tuple[_Rows, list[str]]:
                 f"{path}: line {line}: malformed CSV row: expected {len(header)} fields "
                 f"({', '.join(header)}), got {len(fields)}"
             )
-        rows.append((line, dict(zip(header, fields))))
+        rows.append((line, dict(zip(header, fields, strict=False))))
     return rows, header or []
 
 
@@ -158,7 +158,7 @@ def load_user_data(
         else:
             names = [str(n) for n in label_names]
             first_line = {}
-            for (line, _), label in zip(rows, labels):
+            for (line, _), label in zip(rows, labels, strict=False):
                 if label not in names:
                     first_line.setdefault(label, line)
             if first_line:

@@ -157,7 +157,7 @@ def build(seed: int) -> datasets.DatasetDict:
     rows: dict[str, dict[str, list[str]]] = {
         s: {"title": [], "text": []} for s in ("train", "validation", "test")
     }
-    for article, split_id in zip(order, split_of):
+    for article, split_id in zip(order, split_of, strict=False):
         title, paragraphs = articles[article]
         split = ("train", "validation", "test")[min(int(split_id), 2)]
         for passage in passages(paragraphs):
