@@ -52,3 +52,15 @@ def test_equal_rates_give_one_group_of_every_trainable_parameter():
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert len(groups) == 1 and groups[0]["lr"] == 0.01
     assert [id(p) for p in groups[0]["params"]] == [id(p) for p in trainable]
+
+
+def test_a_run_saved_before_head_lr_existed_is_the_same_run():
+    """A saved config without a setting added later (at its default) still resumes and reads
+    back; a saved value that differs is named."""
+    from ntk_attention.train.loop import _changed_settings
+
+    config = _config(lr=0.1)
+    older = {k: v for k, v in config.to_dict().items() if k != "head_lr"}
+    assert _changed_settings(older, config) == ""
+    assert _changed_settings({**older, "head_lr": 0.5}, config) == "head_lr: 0.5 -> None"
+    assert "lr: 0.2 -> 0.1" in _changed_settings({**older, "lr": 0.2}, config)

@@ -718,13 +718,8 @@ def check_output(output: Path, config: TrainConfig, resume: bool) -> Path | None
     if checkpoint is None:
         return None
     saved = json.loads((checkpoint / "trainer_state.json").read_text()).get("config", {})
-    current = config.to_dict()
-    differ = sorted(
-        key for key in set(saved) | set(current)
-        if key not in _RESUME_MAY_CHANGE and saved.get(key) != current.get(key)
-    )
-    if differ:
-        changes = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in differ)
+    changes = _changed_settings(saved, config)
+    if changes:
         raise RunError(
             f"--resume: the checkpoint in {output} was made with other settings ({changes}); "
             "resume with the same arguments or choose another --output"
@@ -738,14 +733,27 @@ def _finished_results(output: Path, config: TrainConfig) -> dict | None:
         results = json.loads((output / RESULTS).read_text())
     except (OSError, ValueError):
         return None
-    saved = {k: v for k, v in results.get("config", {}).items() if k not in _RESUME_MAY_CHANGE}
-    current = {k: v for k, v in config.to_dict().items() if k not in _RESUME_MAY_CHANGE}
-    if saved != current:
+    changes = _changed_settings(results.get("config", {}), config)
+    if changes:
         raise RunError(
-            f"--resume: {output / RESULTS} is a finished run with other settings; choose "
-            "another --output"
+            f"--resume: {output / RESULTS} is a finished run with other settings ({changes}); "
+            "choose another --output"
         )
     return results
+
+
+def _changed_settings(saved: dict[str, Any], config: TrainConfig) -> str:
+    """The settings in which a saved run's config differs from ``config``, as "key: saved ->
+    current" (empty: the same run). A setting the saved run lacks (added by a later version)
+    counts as its default, so older runs still resume and read back."""
+    current = config.to_dict()
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
+    differ = sorted(
+        key for key in set(saved) | set(current)
+        if key not in _RESUME_MAY_CHANGE and saved.get(key) != current.get(key)
+    )
+    return ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in differ)
 
 
 def train(
