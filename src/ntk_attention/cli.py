@@ -100,7 +100,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser, *, defaults: dict | No
                         help="lora: rank (default: %(default)s)")
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--lr", type=float, help="learning rate (default: the method's: ntk 1e-1,"
-                       " lora 1e-3, prefix 1e-2, prompt 3e-2, full 5e-5)")
+                       " lora 1e-2, prefix 1e-1, prompt 3e-2, full 5e-5)")
     optim.add_argument("--head-lr", type=float, default=base["head_lr"],
                        help="learning rate of the task head (classifier) trained beside the "
                        "adapter (default: --lr; for image tasks at most 1e-3)")

@@ -284,8 +284,8 @@ METHODS: dict[str, Method] = {
     method.name: method
     for method in (
         Method("ntk", "NTK-Attention state (Z, kappa) per layer and KV head", 1e-1, _build_ntk),
-        Method("lora", "LoRA (PEFT) on the query and value projections", 1e-3, _build_lora),
-        Method("prefix", "prefix tuning, P-Tuning v2 deep prefix (PEFT)", 1e-2, _build_prefix),
+        Method("lora", "LoRA (PEFT) on the query and value projections", 1e-2, _build_lora),
+        Method("prefix", "prefix tuning, P-Tuning v2 deep prefix (PEFT)", 1e-1, _build_prefix),
         Method("prompt", "prompt tuning, trainable input embeddings (PEFT)", 3e-2, _build_prompt),
         Method("full", "full fine-tuning of every parameter", 5e-5, _build_full),
     )
