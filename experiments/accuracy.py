@@ -89,9 +89,16 @@ def lead_metric(metrics: dict) -> tuple[str, bool]:
 
 
 def best_lr(runs: list[dict]) -> float:
+    """The lr with the best validation lead metric; ties (e.g. every lr predicting the majority
+    class) go to the lower validation loss."""
     name, higher = lead_metric(runs[0]["metrics"]["validation"])
-    key = lambda r: r["metrics"]["validation"][name]
-    return (max if higher else min)(runs, key=key)["lr"]
+    sign = 1 if higher else -1
+
+    def key(run: dict) -> tuple[float, float]:
+        validation = run["metrics"]["validation"]
+        return sign * validation[name], -validation.get("loss", 0.0)
+
+    return max(runs, key=key)["lr"]
 
 
 def summarise(records: list[dict]) -> list[dict]:
