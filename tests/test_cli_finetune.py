@@ -113,14 +113,14 @@ def test_an_output_folder_holding_another_run_is_refused(tmp_path, capsys):
 
 
 def _fashion_mnist_installed() -> bool:
+    from ntk_attention.models import ModelUnavailableError, dinov2_small_path
     from ntk_attention.train.tasks import fashion_mnist
 
+    if not fashion_mnist.installed():
+        return False
     try:
-        fashion_mnist.data_dir()
-        from ntk_attention.models import dinov2_small_path
-
         dinov2_small_path()
-    except Exception:
+    except ModelUnavailableError:
         return False
     return True
 

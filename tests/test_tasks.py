@@ -7,7 +7,6 @@ message)."""
 from __future__ import annotations
 
 import collections
-import dataclasses
 import hashlib
 import random
 import re
@@ -33,17 +32,8 @@ from ntk_attention.train.tasks import (
 )
 from ntk_attention.train.tasks.base import package_dir, split_indices
 
-
-def _fashion_installed() -> bool:
-    try:
-        fashion_mnist.data_dir()
-    except DataUnavailableError:
-        return False
-    return True
-
-
 needs_fashion = pytest.mark.skipif(
-    not _fashion_installed(),
+    not fashion_mnist.installed(),
     reason=f"Fashion-MNIST not installed (apt-get install -y {fashion_mnist.APT_PACKAGE})",
 )
 TASK_PARAMS = [
@@ -299,7 +289,7 @@ def test_arithmetic_completions_are_the_right_answers(loaded):
 
 def test_arithmetic_answers_fit_the_generation_budget(loaded):
     """Byte-level BPE gives at most one token per byte; + 1 for the end-of-sequence token."""
-    budget = {f.name: f.default for f in dataclasses.fields(TrainConfig)}["max_new_tokens"]
+    budget = TrainConfig.defaults()["max_new_tokens"]
     task = loaded("arithmetic")
     longest = max(len(c.encode()) for s in SPLITS for c in task.data[s]["completion"])
     assert longest + 1 <= budget
@@ -314,7 +304,7 @@ def test_arithmetic_answers_fit_the_generation_budget_in_smollm2_tokens(loaded):
     except models.ModelUnavailableError as err:
         pytest.skip(f"SmolLM2-135M is not available: {err}")
     tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    budget = {f.name: f.default for f in dataclasses.fields(TrainConfig)}["max_new_tokens"]
+    budget = TrainConfig.defaults()["max_new_tokens"]
     task = loaded("arithmetic")
     for split in SPLITS:
         completions = list(task.data[split]["completion"])

@@ -71,8 +71,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser, *, defaults: dict | No
     """The run settings finetune and compare share (dest names = TrainConfig fields)."""
     from .train.loop import TrainConfig
 
-    base = {f.name: f.default for f in TrainConfig.__dataclass_fields__.values()}
-    base.update(defaults or {})
+    base = {**TrainConfig.defaults(), **(defaults or {})}
     data = parser.add_argument_group("task and data")
     data.add_argument("--task", required="task" not in (defaults or {}), default=base.get("task"),
                       help="built-in task (bbc-news, drug-review, fashion-mnist, wiki-lm, "

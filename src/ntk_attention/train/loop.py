@@ -171,6 +171,11 @@ class TrainConfig:
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else METHODS[self.method].default_lr
 
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Every setting's default, by field name."""
+        return {f.name: f.default for f in dataclasses.fields(cls)}
+
     def head_learning_rate(self, kind: Kind) -> float:
         """``head_lr``, or ``learning_rate`` capped at the kind's ``head_lr_cap``."""
         if self.head_lr is not None:
@@ -747,8 +752,7 @@ def _changed_settings(saved: dict[str, Any], config: TrainConfig) -> str:
     current" (empty: the same run). A setting the saved run lacks (added by a later version)
     counts as its default, so older runs still resume and read back."""
     current = config.to_dict()
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
+    saved = {**TrainConfig.defaults(), **saved}
     differ = sorted(
         key for key in set(saved) | set(current)
         if key not in _RESUME_MAY_CHANGE and saved.get(key) != current.get(key)

@@ -28,6 +28,7 @@ __all__ = [
     "build",
     "data_dir",
     "image_array",
+    "installed",
     "pixel_values",
     "read_split",
 ]
@@ -44,6 +45,15 @@ _FILES = {
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
 _SIDE = 28
+
+
+def installed() -> bool:
+    """Whether the data set's files are where ``data_dir`` looks."""
+    try:
+        data_dir()
+    except DataUnavailableError:
+        return False
+    return True
 
 
 def data_dir() -> Path:
