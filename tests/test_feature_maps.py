@@ -140,3 +140,17 @@ def test_bad_feature_map_raises_value_error(name):
     make, match = BAD[name]
     with pytest.raises(ValueError, match=match):
         make()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_cached_constants_act_like_python_numbers(dtype):
+    """ops.constants: a cached 0-dim tensor in place of a Python number changes no bit and no
+    dtype (decoding uses them to save the per-call wrapping of the number)."""
+    from ntk_attention.ops.constants import constant
+
+    x = torch.randn(1000, dtype=torch.float64).to(dtype)
+    for value in (math.sqrt(0.125), 1.0):
+        with_number, with_constant = x * value, x * constant(value, x)
+        assert with_constant.dtype == dtype
+        assert torch.equal(with_number, with_constant)
+        assert torch.equal(x + value, x + constant(value, x))

@@ -616,16 +616,20 @@ def test_lse_path_without_autograd_matches_float64_reference(name):
         (Case(q_heads=2, kv_heads=2, q_len=5, k_len=5, is_causal=True), True),  # kernel causal
         (Case(q_heads=2, kv_heads=2, q_len=5, k_len=5, per_row=True, rank=2,
               state_log_scale=1.0), True),
-        (Case(q_heads=4, kv_heads=2, q_len=5, k_len=5, is_causal=True), False),  # causal GQA
+        (Case(q_heads=4, kv_heads=2, q_len=5, k_len=5, is_causal=True), True),  # prefill, GQA
+        (Case(q_heads=4, kv_heads=2, q_len=5, k_len=5, is_causal=True, per_row=True,
+              state_log_scale=1.0), True),
         (Case(q_heads=2, kv_heads=2, q_len=3, k_len=7, is_causal=True), False),  # causal chunk
     ],
 )
 def test_lse_inference_takes_maskless_no_grad_layouts(case, taken):
     from ntk_attention.ops.lse import lse_inference
+    from ntk_attention.ops.state import state_matrix
 
     inputs = make_inputs(case)
     phi = get_feature_map("elu", case.head_dim)
-    args = (inputs["q"], inputs["k"], inputs["v"], inputs["z"], inputs["kappa"], phi)
+    matrix = state_matrix(inputs["z"], inputs["kappa"])
+    args = (inputs["q"], inputs["k"], inputs["v"], matrix, phi)
     options = dict(is_causal=case.is_causal, scale=case.head_dim**-0.5,
                    state_log_scale=inputs["state_log_scale"])
     assert lse_inference(*args, **options) is None  # autograd on: never taken
@@ -635,6 +639,51 @@ def test_lse_inference_takes_maskless_no_grad_layouts(case, taken):
     if taken:
         expected = call(reference_ntk_attention, as_float64(inputs))
         close(out, expected, 2e-5, "lse_inference")
+
+
+def _decode_inputs(scale_logits: float = 1.0, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, 6, 1, 8, generator=generator) * scale_logits
+    k = torch.randn(1, 2, 9, 8, generator=generator) * scale_logits
+    v = torch.randn(1, 2, 9, 8, generator=generator)
+    z = torch.randn(2, 8, 8, generator=generator)
+    kappa = torch.rand(2, 8, generator=generator)
+    return q, k, v, z, kappa
+
+
+def test_lse_inference_with_the_zero_state_is_the_kernel_output_exactly():
+    """out = o + (b - a o) / (S + a) is o bit for bit at Z = 0, kappa = 0 (the adapter's
+    initial state reproduces the base model)."""
+    from ntk_attention.ops.lse import _KERNELS, lse_inference
+    from ntk_attention.ops.state import state_matrix
+
+    q, k, v, z, kappa = _decode_inputs()
+    phi = get_feature_map("elu", 8)
+    with torch.no_grad():
+        out = lse_inference(q, k, v, state_matrix(z * 0, kappa * 0), phi, is_causal=True,
+                            scale=8**-0.5)
+        exact, _ = _KERNELS[0](q.reshape(1, 2, 3, 8), k, v, 0.0, False, scale=8**-0.5)
+    assert torch.equal(out, exact.reshape(1, 6, 1, 8))
+
+
+@pytest.mark.parametrize("logit_scale", [6.0, 0.0], ids=["lse above 88", "lse far below the state"])
+def test_lse_inference_at_extreme_logits_matches_float64_reference(logit_scale):
+    """lse > 88 (e^lse overflows float32: the state's share is below precision) and a state
+    that dwarfs the exact part (logits near 0 against a kappa of e^70 via the log scale)."""
+    from ntk_attention.ops.lse import lse_inference
+    from ntk_attention.ops.state import state_matrix
+
+    q, k, v, z, kappa = _decode_inputs(scale_logits=logit_scale)
+    log_scale = torch.full((2,), 70.0 if logit_scale == 0.0 else 0.0)
+    phi = get_feature_map("elu", 8)
+    with torch.no_grad():
+        out = lse_inference(q, k, v, state_matrix(z, kappa), phi, is_causal=False,
+                            scale=8**-0.5, state_log_scale=log_scale)
+    expected = reference_ntk_attention(
+        q, k, v, z, kappa, feature_map="elu", scale=8**-0.5, state_log_scale=log_scale
+    )
+    assert torch.isfinite(out).all()
+    close(out, expected, 2e-5, f"lse_inference logit scale {logit_scale}")
 
 
 class TestNonnegative:

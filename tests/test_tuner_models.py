@@ -292,3 +292,36 @@ def test_unload_returns_the_base_model_as_it_was(arch):
     assert base.config._attn_implementation == implementation
     with pytest.raises(RuntimeError, match="unloaded"):
         ntk(**spec.inputs())
+
+
+def test_generate_reads_the_state_once_and_sees_later_changes():
+    """Within generate() each layer builds its state and [Z | kappa] once (the decode cache);
+    afterwards the cache is gone, so a parameter change between two calls is seen."""
+    ntk, batch = _adapted("llama")
+    randomize_adapter(ntk, scale=2.0)
+    ids = batch["input_ids"]
+    settings = dict(attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6,
+                    do_sample=False)
+    states = list(ntk._states())
+    built = []
+    original = type(states[0])._read_state
+
+    def counting(self, name):
+        built.append(name)
+        return original(self, name)
+
+    type(states[0])._read_state = counting
+    try:
+        with torch.no_grad():
+            first = ntk.generate(input_ids=ids, **settings)
+    finally:
+        type(states[0])._read_state = original
+    assert len(built) == len(states)  # once per layer, not per token
+    assert all(state.decode_cache is None for state in states)
+    with torch.no_grad():
+        for state in states:
+            state.ntk_z["default"].mul_(-3.0)
+        second = ntk.generate(input_ids=ids, **settings)
+        expected = _greedy_recompute(ntk, ids, 6)
+    assert torch.equal(second, expected)
+    assert not torch.equal(first, second)

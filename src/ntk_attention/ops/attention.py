@@ -11,9 +11,9 @@ import torch
 
 from .feature_maps import FeatureMap
 from .fused import fused_attention
-from .lse import lse_attention, lse_inference
+from .lse import lse_attention, lse_inference, lse_inference_takes
 from .naive import naive_attention
-from .state import State, state_terms
+from .state import State, state_matrix, state_terms
 from .validation import check_mask, check_qkv, check_state, resolve_feature_map
 
 __all__ = [
@@ -103,9 +103,12 @@ def ntk_attention_unchecked(
     built for the layer's geometry at injection), where the checks' host cost counts (one call
     per layer and token when decoding). ``feature_map`` is a FeatureMap, ``scale`` a float and
     ``implementation`` one of IMPLEMENTATIONS."""
-    if implementation == "lse" and attn_mask is None:
+    if (
+        implementation == "lse" and attn_mask is None and not torch.is_grad_enabled()
+        and lse_inference_takes(q, k, is_causal)
+    ):
         out = lse_inference(
-            q, k, v, z, kappa, feature_map, is_causal=is_causal, scale=scale,
+            q, k, v, state_matrix(z, kappa), feature_map, is_causal=is_causal, scale=scale,
             state_log_scale=state_log_scale, dropout_p=dropout_p,
         )
         if out is not None:

@@ -26,13 +26,15 @@ import torch
 from .feature_maps import FeatureMap
 from .fused import fused_attention
 from .masks import combined_mask
-from .state import State, StateTerms, grouped_state_terms
+from .state import StateTerms
 
-__all__ = ["lse_attention", "lse_inference", "lse_supported"]
+__all__ = ["lse_attention", "lse_inference", "lse_inference_takes", "lse_supported"]
 
 # e^x above this overflows float32: the state's weight is clipped there, as in the naive path
 # (only a state with zero mass but a non-zero numerator reaches it).
 _MAX_EXPONENT = 80.0
+# The direct-space merge of lse_inference floors e^{lse - o_s} at e^-60 (see there).
+_MIN_SCALED_LOG_SUM = -60.0
 _KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
@@ -52,6 +54,12 @@ def _kernels():
 
 
 _KERNELS = _kernels()
+
+
+def lse_inference_takes(q: torch.Tensor, k: torch.Tensor, is_causal: bool) -> bool:
+    """Whether :func:`lse_inference` takes a maskless no-grad call of this layout (else it
+    returns None): all but a causal block of several queries against a longer key list."""
+    return not is_causal or q.shape[2] == 1 or q.shape[2] == k.shape[2]
 
 
 def lse_supported(q: torch.Tensor, v: torch.Tensor, dropout_p: float) -> bool:
@@ -140,8 +148,7 @@ def lse_inference(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    z: State,
-    kappa: torch.Tensor,
+    matrix: torch.Tensor,
     feature_map: FeatureMap,
     *,
     is_causal: bool,
@@ -150,36 +157,84 @@ def lse_inference(
     dropout_p: float = 0.0,
 ) -> torch.Tensor | None:
     """The lse path without autograd and without a mask (decoding, ``generate``), in the fewest
-    ops: the state terms are evaluated in the layout the kernel runs in (GQA query heads
-    folded into the query length) and never reshaped, and a zero log offset is never built.
-    Returns None for calls it does not take (a mask, autograd, a causal GQA block with Lq > 1,
-    what :func:`lse_supported` rejects): :func:`lse_attention` computes those. Tests compare
-    it with the naive twin like every path."""
+    ops: at one query per step the op's host cost, not its FLOPs, is what decoding pays.
+
+    The state comes as one matrix [Z | kappa] (:func:`~.state.state_matrix`, which the adapter
+    keeps for a whole ``generate`` call), so one matmul gives b = phi^T Z and a = phi^T kappa,
+    evaluated in the layout the kernel runs in (GQA query heads folded into the query length).
+    The merge is done in direct space: with the kernel's o = E / S and lse = log S, and the
+    state's terms a e^{o_s}, b e^{o_s},
+
+        out = (E + e^{o_s} b) / (S + e^{o_s} a) = o + (b - a o) / (S e^{-o_s} + a),
+
+    four tensor ops (against ten for the log-space merge), and exactly o for the zero state.
+    S e^{-o_s} = e^{lse - o_s} is floored at e^-60 (a row whose exact part is e^-60 of the
+    state's: the result is b / a to float32 precision unless a is that small too); where it
+    overflows to inf the state's share is below float precision and the result is o.
+
+    A causal call with Lq = Lk (a prompt's prefill) keeps GQA query heads apart and repeats the
+    keys and values instead. Returns None for calls it does not take (a mask, autograd, a causal
+    block with Lq != Lk > 1, what :func:`lse_supported` rejects): :func:`lse_attention`
+    computes those. Tests compare it with the naive twin like every path."""
     if torch.is_grad_enabled() or not lse_supported(q, v, dropout_p):
         return None
     batch, q_heads, q_len, head_dim = q.shape
-    kv_heads, k_len = k.shape[1], k.shape[2]
+    kv_heads = k.shape[1]
     groups = q_heads // kv_heads
-    causal = is_causal and q_len > 1  # one query sees every key (bottom-right alignment)
-    if causal and not (q_len == k_len and groups == 1):
+    if not lse_inference_takes(q, k, is_causal):
         return None
-    grouped = q.reshape(batch, kv_heads, groups * q_len, head_dim)  # [B, Hkv, G * Lq, D]
-    log_offset, mass, numer = grouped_state_terms(grouped, z, kappa, feature_map, state_log_scale)
-    # Weights stay [B, Hkv, N, 1] (they broadcast over D without unsqueezes); temporaries are
-    # updated in place (no autograd runs here).
-    exact, lse = _KERNELS[0](grouped, k, v, 0.0, causal, scale=scale)
-    log_sum = lse.unsqueeze(-1)
-    if log_sum.dtype != numer.dtype:
-        log_sum = log_sum.to(numer.dtype)
-    log_mass = mass.clamp_min_(0).log_()  # log a; a negative phi^T kappa counts as none
-    if log_offset is not None:
-        log_mass += log_offset
-    merged = torch.logaddexp(log_sum, log_mass)  # log(S + a), finite: every row sees a key
-    exact_weight = log_sum.sub(merged).exp_()  # S / (S + a)
-    state_weight = (-merged if log_offset is None else log_offset - merged)
-    state_weight = state_weight.clamp_max_(_MAX_EXPONENT).exp_()  # c = e^{o_s} / (S + a)
-    out = exact.to(numer.dtype, copy=True) if exact.dtype != numer.dtype else exact
-    out = out.mul_(exact_weight).addcmul_(state_weight, numer)
+    causal = is_causal and q_len > 1  # one query sees every key (bottom-right alignment)
+    rows = groups * q_len
+    grouped = q.reshape(batch, kv_heads, rows, head_dim)  # [B, Hkv, G * Lq, D]
+    unfold = causal and groups > 1  # causality needs the query heads apart: repeat k, v instead
+    r = matrix.shape[-2]
+    per_head = matrix.numel() == batch * kv_heads * r * matrix.shape[-1]  # one per (row, head)
+    # One row, or a state per row: 3-D [B * Hkv, N, .] throughout, one bmm, and the terms
+    # broadcast against the kernel's [B, Hkv, N, .] output when B = 1 (fewer ops per token).
+    state_input = grouped.reshape(batch * kv_heads, rows, head_dim) if per_head else grouped
+    if type(feature_map).log_forward is FeatureMap.log_forward:  # offset 0: skip it
+        features, log_weight = feature_map(state_input), None
+    else:
+        features, log_weight = feature_map.log_forward(state_input)  # offset [.., N, 1]
+    if features.shape[-1] != r:
+        raise ValueError(f"feature_map gives {features.shape[-1]} features; the state has r = {r}")
+    compute = matrix.dtype
+    if features.dtype != compute:
+        features = features.to(compute)
+    if per_head:
+        terms = torch.bmm(features, matrix if matrix.dim() == 3 else matrix.flatten(0, 1))
+        if batch > 1:
+            terms = terms.view(batch, kv_heads, rows, -1)
+            log_weight = None if log_weight is None else log_weight.view(batch, kv_heads, rows, 1)
+    else:  # one state shared by several rows
+        terms = features @ matrix
+    numer, mass = terms[..., :-1], terms[..., -1:]  # b, a: [(B,) Hkv, N, Dv], [(B,) Hkv, N, 1]
+
+    if unfold:  # [B, Hkv, G * Lq, .] -> [B, Hq, Lq, .]: query head h = kv head h // G
+        numer, mass = numer.reshape(batch, q_heads, q_len, -1), mass.reshape(batch, q_heads, q_len, 1)
+        if log_weight is not None:
+            log_weight = log_weight.reshape(batch, q_heads, q_len, 1)
+        if state_log_scale is not None and state_log_scale.dim():  # [(B,) Hkv] -> [(B,) Hq]
+            state_log_scale = state_log_scale.repeat_interleave(groups, dim=-1)
+        k, v = (t.repeat_interleave(groups, dim=1) for t in (k, v))
+        exact, lse = _KERNELS[0](q, k, v, 0.0, True, scale=scale)
+    else:
+        exact, lse = _KERNELS[0](grouped, k, v, 0.0, causal, scale=scale)
+    # Weights stay [.., N, 1] (they broadcast over Dv without unsqueezes).
+    scaled_sum = lse.unsqueeze(-1)  # log S, then log(S e^{-o_s})
+    if scaled_sum.dtype != compute:
+        scaled_sum = scaled_sum.to(compute)
+    if log_weight is not None:  # the feature map's offset
+        scaled_sum = scaled_sum - log_weight.to(compute)
+    if state_log_scale is not None:
+        log_scale = state_log_scale.to(compute)
+        scaled_sum = scaled_sum - (log_scale[..., None, None] if log_scale.dim() else log_scale)
+    denominator = scaled_sum.clamp_min(_MIN_SCALED_LOG_SUM).exp_()  # S e^{-o_s}
+    mass = mass.clamp_min(0)  # a negative phi^T kappa (taylor features) counts as no mass
+    denominator += mass
+    exact = exact if exact.dtype == compute else exact.to(compute)
+    correction = torch.addcmul(numer, mass, exact, value=-1)  # b - a o
+    out = torch.addcdiv(exact, correction, denominator)
     out = out if out.dtype == q.dtype else out.to(q.dtype)
     return out.reshape(batch, q_heads, q_len, out.shape[-1])
 

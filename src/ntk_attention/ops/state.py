@@ -19,6 +19,7 @@ __all__ = [
     "StateTerms",
     "deferred_nonnegative_projection",
     "grouped_state_terms",
+    "state_matrix",
     "nonnegative",
     "prefix_to_state",
     "project_nonnegative_grad",
@@ -104,15 +105,27 @@ def grouped_state_terms(
         )
     features = _as(features, compute_dtype)
 
-    # Matmuls against [Hkv, r, .] or per row [B, Hkv, r, .] broadcast over features
-    # [B, Hkv, N, r]. (Not one matmul against [Z | kappa]: its cat copies the whole state on
-    # every call, and at decoding the state is read from memory, not cache.)
-    mass = features @ _as(kappa, compute_dtype).unsqueeze(-1)  # [B, Hkv, N, 1]
-    if isinstance(z, tuple):
-        z_a, z_b = (_as(t, compute_dtype) for t in z)
-        numer = (features @ z_a) @ z_b  # [B, Hkv, N, D]
-    else:
-        numer = features @ _as(z, compute_dtype)  # [B, Hkv, N, D]
+    # Against [Hkv, r, .] or per row [B, Hkv, r, .]. (Not one matmul against [Z | kappa]: its
+    # cat copies the whole state on every call, and at decoding the state is read from memory.)
+    kappa = _as(kappa, compute_dtype).unsqueeze(-1)  # [(B,) Hkv, r, 1]
+    matrices = (kappa, *z) if isinstance(z, tuple) else (kappa, z)
+    matrices = tuple(_as(t, compute_dtype) for t in matrices)
+    batch, heads, length, r = features.shape
+    per_head = batch * heads
+    if all(t.numel() == per_head * t.shape[-2] * t.shape[-1] for t in matrices):
+        # One matrix per (row, head): bmm on flat views. The broadcasting matmul would expand
+        # and reshape first, ~15 us of host time per call at decoding sizes.
+        features = features.reshape(per_head, length, r)
+        mass = torch.bmm(features, matrices[0].reshape(per_head, r, 1))
+        numer = features
+        for matrix in matrices[1:]:  # Z, or Z_A then Z_B
+            numer = torch.bmm(numer, matrix.reshape(per_head, *matrix.shape[-2:]))
+        mass, numer = mass.view(batch, heads, length, 1), numer.view(batch, heads, length, -1)
+    else:  # one state shared by several rows: broadcast over the batch
+        mass = features @ matrices[0]  # [B, Hkv, N, 1]
+        numer = features
+        for matrix in matrices[1:]:
+            numer = numer @ matrix  # [B, Hkv, N, D]
     if offset is not None:
         offset = _as(offset, compute_dtype)
     if state_log_scale is not None:
@@ -120,6 +133,16 @@ def grouped_state_terms(
         scale = scale[..., None, None] if scale.dim() >= 1 else scale  # [(B,) Hkv, 1, 1]
         offset = scale if offset is None else offset + scale
     return offset, mass, numer
+
+
+def state_matrix(z: State, kappa: torch.Tensor) -> torch.Tensor:
+    """[Z | kappa]: the state as one matrix [(B,) Hkv, r, Dv + 1] in float32 (float64
+    for a float64 state), so one matmul gives phi^T Z and phi^T kappa together. A low-rank state
+    is multiplied out (Z = Z_A Z_B). What :func:`~.lse.lse_inference` takes; the adapter keeps
+    one per layer for the length of a ``generate`` call."""
+    dense = z[0] @ z[1] if isinstance(z, tuple) else z
+    dtype = torch.promote_types(dense.dtype, torch.float32)
+    return torch.cat([_as(dense, dtype), _as(kappa, dtype).unsqueeze(-1)], dim=-1)
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -28,6 +28,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import eager_mask, sdpa_mask
 
 from ..ops import ntk_attention_unchecked
+from ..ops.lse import lse_inference
 from .layer import STATE_ATTR, OpState, RowGroup
 from .routing import ADAPTER_NAMES_KWARG
 
@@ -88,12 +89,63 @@ def family_for_base(attn_implementation: str | None) -> AttentionFamily:
     return FAMILIES[attn_implementation]
 
 
+_AUTOCAST_OFF = contextlib.nullcontext()  # reusable: it holds no state
+
+
 def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
     """Autocast switched off, or a no-op context when it is off already (entering
     ``torch.autocast`` costs tens of microseconds, twice per layer and call)."""
     if torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
+    return _AUTOCAST_OFF
+
+
+def _run(
+    family: AttentionFamily,
+    module: nn.Module,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    op_state: OpState | None,
+    is_causal: bool,
+    scaling: float | None,
+    dropout: float,
+    kwargs: dict,
+) -> torch.Tensor:
+    """One group of rows through the NTK op with ``op_state`` (None: the base attention)
+    -> [b, Lq, Hq, D]. A module-level function, not a closure: decoding calls it per layer
+    and token."""
+    if op_state is None:
+        base = family.base_function(module)
+        return base(module, q, k, v, mask, scaling=scaling, dropout=dropout, **kwargs)[0]
+    implementation = op_state.implementation
+    if implementation == "auto":
+        implementation = family.op_implementation
+    # The op picks its own precisions (state terms in float32, the kernel in q's dtype);
+    # autocast would recast its einsums to bf16 and break its backward. Shapes are right by
+    # construction (the model's q, k, v; a state built for this layer's geometry), so the op's
+    # input checks are skipped: they cost ~40 us per layer and token when decoding.
+    scale = q.shape[-1] ** -0.5 if scaling is None else float(scaling)
+    with _no_autocast(q.device.type):
+        if op_state.matrix is not None and mask is None and implementation == "lse":
+            out = lse_inference(  # decoding: the state's matrix is kept for the generate call
+                q, k, v, op_state.matrix, op_state.feature_map, is_causal=is_causal,
+                scale=scale, state_log_scale=op_state.log_scale, dropout_p=dropout,
+            )
+            if out is not None:
+                return out.transpose(1, 2)
+        out = ntk_attention_unchecked(
+            q, k, v, op_state.z, op_state.kappa,
+            feature_map=op_state.feature_map,
+            attn_mask=mask,
+            is_causal=is_causal,
+            scale=scale,
+            state_log_scale=op_state.log_scale,
+            dropout_p=dropout,
+            implementation=implementation,
+        )  # [b, Hq, Lq, D]
+    return out.transpose(1, 2)
 
 
 def _make_attention_function(family: AttentionFamily) -> AttentionFn:
@@ -139,41 +191,18 @@ def _make_attention_function(family: AttentionFamily) -> AttentionFn:
                 key = key[:, :, : query.shape[2]]
                 value = value[:, :, : query.shape[2]]
 
-        def run(rows: torch.Tensor | None, op_state: OpState | None) -> torch.Tensor:
-            q, k, v, mask = query, key, value, attention_mask
-            if rows is not None:
-                q, k, v = q[rows], k[rows], v[rows]
+        if len(groups) == 1:
+            out = _run(family, module, query, key, value, attention_mask, groups[0].state,
+                       is_causal, scaling, dropout, kwargs)
+        else:
+            parts = []
+            for group in groups:
+                rows = group.rows
+                mask = attention_mask
                 if mask is not None and mask.shape[0] == query.shape[0] and query.shape[0] > 1:
                     mask = mask[rows]
-            if op_state is None:
-                base = family.base_function(module)
-                out, _ = base(module, q, k, v, mask, scaling=scaling, dropout=dropout, **kwargs)
-                return out  # [b, Lq, Hq, D]
-            implementation = op_state.implementation
-            if implementation == "auto":
-                implementation = family.op_implementation
-            # The op picks its own precisions (state terms in float32, the kernel in q's
-            # dtype); autocast would recast its einsums to bf16 and break its backward.
-            # Shapes are right by construction (the model's q, k, v; a state built for this
-            # layer's geometry), so the op's input checks are skipped: they cost ~40 us per
-            # layer and token when decoding, a fifth of the NTK call.
-            with _no_autocast(q.device.type):
-                out = ntk_attention_unchecked(
-                    q, k, v, op_state.z, op_state.kappa,
-                    feature_map=op_state.feature_map,
-                    attn_mask=mask,
-                    is_causal=is_causal,
-                    scale=q.shape[-1] ** -0.5 if scaling is None else float(scaling),
-                    state_log_scale=op_state.log_scale,
-                    dropout_p=dropout,
-                    implementation=implementation,
-                )  # [b, Hq, Lq, D]
-            return out.transpose(1, 2)
-
-        if len(groups) == 1:
-            out = run(None, groups[0].state)
-        else:
-            parts = [run(group.rows, group.state) for group in groups]
+                parts.append(_run(family, module, query[rows], key[rows], value[rows], mask,
+                                  group.state, is_causal, scaling, dropout, kwargs))
             inverse = torch.argsort(torch.cat([group.rows for group in groups]))
             out = torch.cat(parts)[inverse]
         return out.contiguous(), None

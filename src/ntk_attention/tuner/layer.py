@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..ops import FeatureMap, get_feature_map, nonnegative
+from ..ops.state import state_matrix
 from .config import NTKConfig
 from .routing import BASE_ADAPTER, current_adapter_names, expand_rows
 
@@ -58,6 +59,8 @@ class OpState:
     log_scale: torch.Tensor | None
     feature_map: FeatureMap
     implementation: str  # "auto", "fused" or "naive" (the adapter's choice)
+    # [Z | kappa] for the no-grad lse path (ops.state_matrix), kept while decoding; else None.
+    matrix: torch.Tensor | None = None
 
 
 @dataclasses.dataclass
@@ -81,6 +84,9 @@ class NTKState(nn.Module):
         self.active_adapter: str | None = None
         self.disabled = False
         self.saw_row_names = False  # set when a call's per-row names reached this layer
+        # adapter name -> OpState with its matrix, kept for one generate() call (see
+        # NTKModel.generate); None outside it, where every call reads the parameters afresh.
+        self.decode_cache: dict[str, OpState] | None = None
 
     # ----------------------------------------------------------------- adapters
     def add_adapter(self, name: str, config: NTKConfig, device: torch.device) -> None:
@@ -146,8 +152,22 @@ class NTKState(nn.Module):
 
     def op_state(self, name: str) -> OpState:
         """Adapter ``name``'s state as the op takes it. Runs per layer and call (per token when
-        decoding), so it reads the ParameterDicts' own tables instead of going through
-        nn.Module attribute lookups (a few microseconds each on a cold cache)."""
+        decoding): within a ``generate`` call (``decode_cache`` set) and without autograd the
+        state and its matrix [Z | kappa] are built once and reused."""
+        cache = self.decode_cache
+        if cache is not None and not torch.is_grad_enabled():
+            state = cache.get(name)
+            if state is None:
+                state = self._read_state(name)
+                state = cache[name] = dataclasses.replace(
+                    state, matrix=state_matrix(state.z, state.kappa)
+                )
+            return state
+        return self._read_state(name)
+
+    def _read_state(self, name: str) -> OpState:
+        """The state from the parameters. Reads the ParameterDicts' own tables instead of going
+        through nn.Module attribute lookups (a few microseconds each on a cold cache)."""
         modules = self._modules
         kappa = nonnegative(modules["ntk_kappa"]._parameters[name])
         z = modules["ntk_z"]._parameters.get(name)

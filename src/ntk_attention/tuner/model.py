@@ -161,9 +161,28 @@ class NTKModel(nn.Module):
         """The base model's ``generate``; ``adapter_names`` as in ``forward``. The KV cache is the
         base model's own: the state depends only on the queries."""
         self._check_usable()
-        if adapter_names is None:
-            return self.base_model.generate(*args, **kwargs)
-        names = self._check_adapter_names(adapter_names)
+        with self._decoding():
+            if adapter_names is None:
+                return self.base_model.generate(*args, **kwargs)
+            return self._generate_mixed(self._check_adapter_names(adapter_names), args, kwargs)
+
+    @contextlib.contextmanager
+    def _decoding(self) -> Iterator[None]:
+        """Within: each layer builds its state (and the [Z | kappa] matrix the decoding path
+        reads) once instead of per token. The parameters cannot change inside a generate call;
+        the cache is dropped on the way out, so a later training step or load is always seen."""
+        states = list(self._states())
+        previous = [state.decode_cache for state in states]
+        for state in states:
+            state.decode_cache = {}
+        try:
+            yield
+        finally:
+            for state, cache in zip(states, previous, strict=True):
+                state.decode_cache = cache
+
+    def _generate_mixed(self, names: tuple[str, ...], args: tuple, kwargs: dict) -> Any:
+        """generate() with per-row adapter names."""
 
         # generate() rejects keyword arguments the model's forward does not name, so the names
         # are added to each of its forward calls instead.
