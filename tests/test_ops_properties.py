@@ -95,7 +95,28 @@ def test_gradients_are_finite_and_paths_agree(inputs):
         grads[implementation] = {name: leaf.grad.clone() for name, leaf in leaves.items()}
         for name, grad in grads[implementation].items():
             assert torch.isfinite(grad).all(), f"non-finite gradient of {name} ({implementation})"
+    # The fused path floors phi^T kappa at MASS_FLOOR = 1e-20 (ops/state.py): where a row's
+    # visible logits are all below ~-37, or it sees none, and kappa = 0, that floor is the
+    # row's whole mass and its kappa gradient is not the naive one (both astronomically large;
+    # the documented limit of the floor). Only the lse path is held to the naive one there.
+    compared = ("lse", "fused") if _every_row_sees_a_logit_above(inputs, -30.0) else ("lse",)
     for name in leaves:
-        for implementation in ("lse", "fused"):
+        for implementation in compared:
             assert_close(grads[implementation][name], grads["naive"][name], rtol=1e-6, atol=1e-8,
                          msg=f"{implementation} {name}")
+
+
+def _every_row_sees_a_logit_above(inputs: dict, bound: float) -> bool:
+    """Every query row has a visible key whose logit s q.k (mask added) exceeds ``bound``."""
+    q, k = inputs["q"].double(), inputs["k"].double()
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)
+    logits = (q @ k.transpose(-1, -2)) * inputs["feature_map"].scale
+    mask = inputs["attn_mask"]
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask
+    if inputs["is_causal"]:
+        q_len, k_len = logits.shape[-2:]
+        visible = torch.ones(q_len, k_len, dtype=torch.bool).tril(k_len - q_len)
+        logits = logits.masked_fill(~visible, float("-inf"))
+    return bool((logits.amax(-1) > bound).all())
