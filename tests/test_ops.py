@@ -622,8 +622,14 @@ def test_lse_path_without_autograd_matches_float64_reference(name):
         (Case(q_heads=2, kv_heads=2, q_len=3, k_len=7, is_causal=True), False),  # causal chunk
     ],
 )
-def test_lse_inference_takes_maskless_no_grad_layouts(case, taken):
+@pytest.mark.parametrize("kernel_groups_heads", [True, False], ids=["kernel GQA", "folded"])
+def test_lse_inference_takes_maskless_no_grad_layouts(case, taken, kernel_groups_heads, monkeypatch):
+    """Both layouts: the kernel grouping GQA heads itself (torch here) and the fallback that
+    folds them into the query length (or repeats k, v for a causal block)."""
+    from ntk_attention.ops import lse as lse_module
     from ntk_attention.ops.lse import lse_inference
+
+    monkeypatch.setattr(lse_module, "_KERNEL_GROUPS_HEADS", kernel_groups_heads)
     from ntk_attention.ops.state import state_matrix
 
     inputs = make_inputs(case)
@@ -652,9 +658,9 @@ def _decode_inputs(scale_logits: float = 1.0, seed: int = 0):
 
 
 def test_lse_inference_with_the_zero_state_is_the_kernel_output_exactly():
-    """out = o + (b - a o) / (S + a) is o bit for bit at Z = 0, kappa = 0 (the adapter's
-    initial state reproduces the base model)."""
-    from ntk_attention.ops.lse import _KERNELS, lse_inference
+    """out = o + (b - a o) / (S + a) is o bit for bit at Z = 0, kappa = 0: the adapter's
+    initial state decodes exactly as the base model's SDPA (GQA heads grouped by the kernel)."""
+    from ntk_attention.ops.lse import _KERNEL_GROUPS_HEADS, lse_inference
     from ntk_attention.ops.state import state_matrix
 
     q, k, v, z, kappa = _decode_inputs()
@@ -662,8 +668,11 @@ def test_lse_inference_with_the_zero_state_is_the_kernel_output_exactly():
     with torch.no_grad():
         out = lse_inference(q, k, v, state_matrix(z * 0, kappa * 0), phi, is_causal=True,
                             scale=8**-0.5)
-        exact, _ = _KERNELS[0](q.reshape(1, 2, 3, 8), k, v, 0.0, False, scale=8**-0.5)
-    assert torch.equal(out, exact.reshape(1, 6, 1, 8))
+        base = F.scaled_dot_product_attention(q, k, v, scale=8**-0.5, enable_gqa=True)
+    if _KERNEL_GROUPS_HEADS:
+        assert torch.equal(out, base)
+    else:  # query heads folded into the query length: the same sums in another order
+        torch.testing.assert_close(out, base, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("logit_scale", [6.0, 0.0], ids=["lse above 88", "lse far below the state"])

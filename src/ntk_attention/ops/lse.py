@@ -56,6 +56,25 @@ def _kernels():
 _KERNELS = _kernels()
 
 
+def _kernel_groups_heads() -> bool:
+    """Whether the forward kernel takes fewer key/value heads than query heads (GQA) itself,
+    as public SDPA's ``enable_gqa`` does: probed once on a tiny input against the repeated
+    keys, so a torch without it falls back to folding the query heads."""
+    if _KERNELS is None:
+        return False
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, 2, 4, generator=generator) for h in (2, 1, 1))
+    try:
+        grouped, _ = _KERNELS[0](q, k, v, 0.0, False, scale=0.5)
+    except RuntimeError:
+        return False
+    repeated, _ = _KERNELS[0](q, k.expand(1, 2, 2, 4), v.expand(1, 2, 2, 4), 0.0, False, scale=0.5)
+    return bool(torch.allclose(grouped, repeated))
+
+
+_KERNEL_GROUPS_HEADS = _kernel_groups_heads()
+
+
 def lse_inference_takes(q: torch.Tensor, k: torch.Tensor, is_causal: bool) -> bool:
     """Whether :func:`lse_inference` takes a maskless no-grad call of this layout (else it
     returns None): all but a causal block of several queries against a longer key list."""
@@ -172,25 +191,27 @@ def lse_inference(
     state's: the result is b / a to float32 precision unless a is that small too); where it
     overflows to inf the state's share is below float precision and the result is o.
 
-    A causal call with Lq = Lk (a prompt's prefill) keeps GQA query heads apart and repeats the
-    keys and values instead. Returns None for calls it does not take (a mask, autograd, a causal
+    GQA: the state terms are evaluated per KV head ([B * Hkv, G * Lq, D], one bmm) and viewed
+    as [B, Hq, Lq, .]; the kernel takes the query heads as they are where it groups them itself
+    (as public SDPA's ``enable_gqa``; probed at import), else the query heads are folded into
+    the query length, or for a causal block (a prompt's prefill, Lq = Lk) the keys and values
+    are repeated. Returns None for calls it does not take (a mask, autograd, a causal
     block with Lq != Lk > 1, what :func:`lse_supported` rejects): :func:`lse_attention`
     computes those. Tests compare it with the naive twin like every path."""
     if torch.is_grad_enabled() or not lse_supported(q, v, dropout_p):
         return None
+    if not lse_inference_takes(q, k, is_causal):
+        return None
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads = k.shape[1]
     groups = q_heads // kv_heads
-    if not lse_inference_takes(q, k, is_causal):
-        return None
     causal = is_causal and q_len > 1  # one query sees every key (bottom-right alignment)
     rows = groups * q_len
     grouped = q.reshape(batch, kv_heads, rows, head_dim)  # [B, Hkv, G * Lq, D]
-    unfold = causal and groups > 1  # causality needs the query heads apart: repeat k, v instead
     r = matrix.shape[-2]
     per_head = matrix.numel() == batch * kv_heads * r * matrix.shape[-1]  # one per (row, head)
     # One row, or a state per row: 3-D [B * Hkv, N, .] throughout, one bmm, and the terms
-    # broadcast against the kernel's [B, Hkv, N, .] output when B = 1 (fewer ops per token).
+    # broadcast against the kernel's output when B = 1 (fewer ops per token).
     state_input = grouped.reshape(batch * kv_heads, rows, head_dim) if per_head else grouped
     if type(feature_map).log_forward is FeatureMap.log_forward:  # offset 0: skip it
         features, log_weight = feature_map(state_input), None
@@ -203,23 +224,28 @@ def lse_inference(
         features = features.to(compute)
     if per_head:
         terms = torch.bmm(features, matrix if matrix.dim() == 3 else matrix.flatten(0, 1))
-        if batch > 1:
-            terms = terms.view(batch, kv_heads, rows, -1)
-            log_weight = None if log_weight is None else log_weight.view(batch, kv_heads, rows, 1)
     else:  # one state shared by several rows
         terms = features @ matrix
-    numer, mass = terms[..., :-1], terms[..., -1:]  # b, a: [(B,) Hkv, N, Dv], [(B,) Hkv, N, 1]
 
-    if unfold:  # [B, Hkv, G * Lq, .] -> [B, Hq, Lq, .]: query head h = kv head h // G
-        numer, mass = numer.reshape(batch, q_heads, q_len, -1), mass.reshape(batch, q_heads, q_len, 1)
+    # The kernel on q's own heads where it groups them itself (or where causality needs them
+    # apart: then k, v are repeated); else on the folded [B, Hkv, G * Lq, D] layout.
+    heads_apart = groups > 1 and (_KERNEL_GROUPS_HEADS or causal)
+    if heads_apart:  # [.., Hkv, G * Lq, .] -> [.., Hq, Lq, .]: query head h = kv head h // G
+        lead = (batch * q_heads,) if per_head and batch == 1 else (batch, q_heads)
+        terms = terms.reshape(*lead, q_len, terms.shape[-1])
         if log_weight is not None:
-            log_weight = log_weight.reshape(batch, q_heads, q_len, 1)
+            log_weight = log_weight.reshape(*lead, q_len, 1)
         if state_log_scale is not None and state_log_scale.dim():  # [(B,) Hkv] -> [(B,) Hq]
             state_log_scale = state_log_scale.repeat_interleave(groups, dim=-1)
-        k, v = (t.repeat_interleave(groups, dim=1) for t in (k, v))
-        exact, lse = _KERNELS[0](q, k, v, 0.0, True, scale=scale)
+        if not _KERNEL_GROUPS_HEADS:
+            k, v = (t.repeat_interleave(groups, dim=1) for t in (k, v))
+        exact, lse = _KERNELS[0](q, k, v, 0.0, causal, scale=scale)
     else:
+        if per_head and batch > 1:
+            terms = terms.view(batch, kv_heads, rows, -1)
+            log_weight = None if log_weight is None else log_weight.view(batch, kv_heads, rows, 1)
         exact, lse = _KERNELS[0](grouped, k, v, 0.0, causal, scale=scale)
+    numer, mass = terms[..., :-1], terms[..., -1:]  # b, a (they broadcast against o)
     # Weights stay [.., N, 1] (they broadcast over Dv without unsqueezes).
     scaled_sum = lse.unsqueeze(-1)  # log S, then log(S e^{-o_s})
     if scaled_sum.dtype != compute:
@@ -236,7 +262,7 @@ def lse_inference(
     correction = torch.addcmul(numer, mass, exact, value=-1)  # b - a o
     out = torch.addcdiv(exact, correction, denominator)
     out = out if out.dtype == q.dtype else out.to(q.dtype)
-    return out.reshape(batch, q_heads, q_len, out.shape[-1])
+    return out if heads_apart else out.reshape(batch, q_heads, q_len, out.shape[-1])
 
 
 def _merge(q, k, v, log_offset, mass, numer, mask, empty, causal, scale, for_backward=False):
