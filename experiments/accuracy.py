@@ -77,7 +77,8 @@ def run_one(task: str, variant: str, lr: float, seed: int, scale: Scale, runs: P
     return {"task": task, "variant": variant, "method": method, "lr": lr, "seed": seed,
             "metrics": results["metrics"],
             "trainable_parameters": results["trainable_parameters"],
-            "step_time_s": results.get("step_time_s"), "config": results["config"]}
+            "step_time_s": results.get("step_time_s"), "wall_time_s": results.get("wall_time_s"),
+            "config": results["config"]}
 
 
 def lead_metric(metrics: dict) -> tuple[str, bool]:
@@ -126,11 +127,15 @@ def markdown(rows: list[dict], args: argparse.Namespace, scale: Scale, env: dict
         f"`{env['command']}`",
         "",
         (f"Machine: {env['machine']}; torch {env['torch']}, transformers "
-         f"{env['transformers']}, peft {env['peft']}; wall time {env['wall_s'] / 60:.0f} min."),
+         f"{env['transformers']}, peft {env['peft']}; wall time {env['wall_s'] / 60:.0f} min "
+         f"(this invocation; runs already on disk are read back, not redone); "
+         f"{env.get('runs', 0)} runs, {env.get('training_s', 0.0) / 60:.0f} min of training "
+         f"in all."),
         "",
         (f"Scale (CPU-sized, not the full tasks): the first {scale.max_train} training rows of "
          f"a seeded shuffle, {scale.max_eval} validation and {scale.max_eval} test rows, "
-         f"{scale.max_length} tokens, batch {scale.batch_size}, {scale.epochs} epochs. "
+         f"text cut at {scale.max_length} tokens (images: DINOv2's 224 x 224 input), "
+         f"batch {scale.batch_size}, {scale.epochs} epochs. "
          f"Learning rate chosen per method on validation (seed 0) from the same grid "
          f"{args.lr_grid}; test metrics are mean ± std over seeds {args.seeds} at that lr."),
         "",
@@ -219,6 +224,8 @@ def main() -> None:
                         for seed in args.seeds if seed != 0]
     rows = summarise(records)
     env = environment(started)
+    env["runs"] = len(records)
+    env["training_s"] = sum(r.get("wall_time_s") or 0.0 for r in records)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.with_suffix(".json").write_text(json.dumps(
         {"environment": env, "scale": scale.__dict__, "lr_grid": args.lr_grid,
