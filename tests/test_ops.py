@@ -204,6 +204,16 @@ def test_matches_float64_reference_forward_and_gradients(path, name):
         close(leaf.grad, ref_leaf.grad, 1e-4, f"{path} {name} d/d{leaf_name}", floor=1e-12)
 
 
+@pytest.mark.parametrize("name", [n for n, c in CASES.items() if c.q_heads != c.kv_heads])
+def test_lse_path_without_kernel_gqa_folds_or_repeats(name, monkeypatch):
+    """The lse path on a torch whose kernel does not group GQA heads itself: query heads folded
+    into the query length, or keys and values repeated (autograd sums their gradients)."""
+    from ntk_attention.ops import lse as lse_module
+
+    monkeypatch.setattr(lse_module, "_KERNEL_GROUPS_HEADS", False)
+    test_matches_float64_reference_forward_and_gradients("lse", name)
+
+
 GRADCHECK_CASES = {
     "gqa_causal_bool_padding": Case(batch=2, q_heads=2, kv_heads=1, q_len=3, k_len=4,
                                     head_dim=4, is_causal=True, mask="bool"),

@@ -57,19 +57,27 @@ _KERNELS = _kernels()
 
 
 def _kernel_groups_heads() -> bool:
-    """Whether the forward kernel takes fewer key/value heads than query heads (GQA) itself,
-    as public SDPA's ``enable_gqa`` does: probed once on a tiny input against the repeated
-    keys, so a torch without it falls back to folding the query heads."""
+    """Whether the kernel (forward and backward) takes fewer key/value heads than query heads
+    (GQA) itself, as public SDPA's ``enable_gqa`` does: probed once on a tiny causal input
+    against repeated keys, so a torch without it falls back to folding the query heads or
+    repeating the keys."""
     if _KERNELS is None:
         return False
+    forward, backward = _KERNELS
     generator = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, h, 2, 4, generator=generator) for h in (2, 1, 1))
+    q, k, v, grad = (torch.randn(1, h, 2, 4, generator=generator) for h in (2, 1, 1, 2))
+    k2, v2 = k.expand(1, 2, 2, 4).contiguous(), v.expand(1, 2, 2, 4).contiguous()
     try:
-        grouped, _ = _KERNELS[0](q, k, v, 0.0, False, scale=0.5)
+        out, lse = forward(q, k, v, 0.0, True, scale=0.5)
+        grads = backward(grad, q, k, v, out, lse, 0.0, True, scale=0.5)
     except RuntimeError:
         return False
-    repeated, _ = _KERNELS[0](q, k.expand(1, 2, 2, 4), v.expand(1, 2, 2, 4), 0.0, False, scale=0.5)
-    return bool(torch.allclose(grouped, repeated))
+    out2, lse2 = forward(q, k2, v2, 0.0, True, scale=0.5)
+    grads2 = backward(grad, q, k2, v2, out2, lse2, 0.0, True, scale=0.5)
+    return bool(
+        torch.allclose(out, out2) and torch.allclose(grads[0], grads2[0])
+        and all(torch.allclose(g, g2.sum(1, keepdim=True)) for g, g2 in zip(grads[1:], grads2[1:], strict=True))
+    )
 
 
 _KERNEL_GROUPS_HEADS = _kernel_groups_heads()
@@ -141,14 +149,16 @@ def lse_attention(
 
     mass = terms.mass.clamp_min(0)  # a negative phi^T kappa (taylor) counts as no mass
     log_offset, numer = terms.log_offset, terms.numer
-    fold = groups > 1 and attn_mask is None and not kernel_causal
+    # GQA: the kernel groups the heads itself where it can (forward and backward); else the
+    # query heads are folded into the query length, or the keys and values repeated.
+    fold = groups > 1 and attn_mask is None and not kernel_causal and not _KERNEL_GROUPS_HEADS
     if fold:
         # [B, Hq, Lq, .] -> [B, Hkv, G * Lq, .]: query head h = kv head h // G, the same order.
         folded = (batch, kv_heads, groups * q_len)
         q = q.reshape(*folded, head_dim)
         log_offset, mass = log_offset.reshape(folded), mass.reshape(folded)
         numer = numer.reshape(*folded, numer.shape[-1])
-    elif groups > 1:
+    elif groups > 1 and not _KERNEL_GROUPS_HEADS:
         k = k[:, :, None].expand(batch, kv_heads, groups, k_len, head_dim).reshape(
             batch, q_heads, k_len, head_dim
         )
