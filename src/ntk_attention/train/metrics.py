@@ -21,7 +21,7 @@ def _check_lengths(predictions: Sequence, references: Sequence) -> None:
 def accuracy(predictions: Sequence[int], references: Sequence[int]) -> float:
     """Share of examples whose predicted class is the reference class."""
     _check_lengths(predictions, references)
-    return sum(p == r for p, r in zip(predictions, references, strict=False)) / len(references)
+    return sum(p == r for p, r in zip(predictions, references, strict=True)) / len(references)
 
 
 def macro_f1(predictions: Sequence[int], references: Sequence[int], num_classes: int) -> float:
@@ -33,9 +33,9 @@ def macro_f1(predictions: Sequence[int], references: Sequence[int], num_classes:
     _check_lengths(predictions, references)
     scores = []
     for cls in range(num_classes):
-        tp = sum(p == cls and r == cls for p, r in zip(predictions, references, strict=False))
-        fp = sum(p == cls and r != cls for p, r in zip(predictions, references, strict=False))
-        fn = sum(p != cls and r == cls for p, r in zip(predictions, references, strict=False))
+        tp = sum(p == cls and r == cls for p, r in zip(predictions, references, strict=True))
+        fp = sum(p == cls and r != cls for p, r in zip(predictions, references, strict=True))
+        fn = sum(p != cls and r == cls for p, r in zip(predictions, references, strict=True))
         denominator = 2 * tp + fp + fn
         scores.append(2 * tp / denominator if denominator else 0.0)
     return sum(scores) / num_classes
@@ -52,4 +52,4 @@ def perplexity(total_nll: float, total_tokens: int) -> float:
 def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
     """Share of generated completions equal to the reference after stripping whitespace."""
     _check_lengths(predictions, references)
-    return sum(p.strip() == r.strip() for p, r in zip(predictions, references, strict=False)) / len(references)
+    return sum(p.strip() == r.strip() for p, r in zip(predictions, references, strict=True)) / len(references)
