@@ -796,11 +796,10 @@ def train(
     total_steps = config.max_steps or config.epochs * steps_per_epoch
     num_epochs = math.ceil(total_steps / steps_per_epoch)
     warmup = int(config.warmup_ratio * total_steps)
-    trainable = [p for p in model.parameters() if p.requires_grad]
     head_lr = config.head_learning_rate(KINDS[run.task.kind])
-    optimizer = torch.optim.AdamW(
-        parameter_groups(model, config.learning_rate, head_lr), weight_decay=config.weight_decay
-    )
+    groups = parameter_groups(model, config.learning_rate, head_lr)
+    trainable = [p for group in groups for p in group["params"]]
+    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(warmup, total_steps))
     n_trainable, n_total = count_parameters(model)
 
