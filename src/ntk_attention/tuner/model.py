@@ -159,7 +159,9 @@ class NTKModel(nn.Module):
 
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         """The base model's ``generate``; ``adapter_names`` as in ``forward``. The KV cache is the
-        base model's own: the state depends only on the queries."""
+        base model's own: the state depends only on the queries. Each layer reads its state
+        once per call (a change to the adapter's parameters made during the call, e.g. from a
+        streamer callback, is seen by the next call)."""
         self._check_usable()
         with self._decoding():
             if adapter_names is None:
