@@ -11,7 +11,7 @@ import torch
 
 from .feature_maps import FeatureMap
 from .fused import fused_attention
-from .lse import lse_attention, lse_inference, lse_inference_takes
+from .lse import lse_attention, lse_inference, lse_inference_takes, lse_supported
 from .naive import naive_attention
 from .state import State, state_matrix, state_terms
 from .validation import check_mask, check_qkv, check_state, resolve_feature_map
@@ -105,7 +105,7 @@ def ntk_attention_unchecked(
     ``implementation`` one of IMPLEMENTATIONS."""
     if (
         implementation == "lse" and attn_mask is None and not torch.is_grad_enabled()
-        and lse_inference_takes(q, k, is_causal)
+        and lse_inference_takes(q, k, is_causal) and lse_supported(q, v, dropout_p)
     ):
         out = lse_inference(
             q, k, v, state_matrix(z, kappa), feature_map, is_causal=is_causal, scale=scale,
