@@ -100,9 +100,14 @@ def test_gradients_are_finite_and_paths_agree(inputs):
     # row's whole mass and its kappa gradient is not the naive one (both astronomically large;
     # the documented limit of the floor). Only the lse path is held to the naive one there.
     compared = ("lse", "fused") if _every_row_sees_a_logit_above(inputs, -30.0) else ("lse",)
+    # Judged against the gradient's own scale: at logit scale 30 (logits in the hundreds) the lse
+    # path's closed-form state gradients agree with the naive ones to ~2e-8 of max |grad| in
+    # float64 (naive and fused to ~1e-10), so a near-zero element can be off by 1e-8 absolute.
     for name in leaves:
+        expected_grads = grads["naive"][name]
+        atol = 1e-8 + 1e-7 * expected_grads.abs().max().item()
         for implementation in compared:
-            assert_close(grads[implementation][name], grads["naive"][name], rtol=1e-6, atol=1e-8,
+            assert_close(grads[implementation][name], expected_grads, rtol=1e-6, atol=atol,
                          msg=f"{implementation} {name}")
 
 
