@@ -15,7 +15,8 @@ Three measurements, each in one process, side by side:
                   base       the bare base model
                   ntk        the NTK adapter ("elu"), state made non-zero so its branch runs
                   prefix m   PEFT prefix tuning, m in PREFIX_LENGTHS
-    steps     the same base and NTK models, single cached decoding steps alternated in pairs
+    steps     base and NTK SmolLM2 built as for ``generate``, single cached decoding steps
+              (the NTK state read once, as inside ``generate``) alternated in pairs
               (``--step-pairs``, default 200): the decoding ratio with less noise than whole
               ``generate`` calls, whose rounds' ratios spread widely on a shared host
 

@@ -638,10 +638,9 @@ def test_lse_inference_takes_maskless_no_grad_layouts(case, taken, kernel_groups
     folds them into the query length (or repeats k, v for a causal block)."""
     from ntk_attention.ops import lse as lse_module
     from ntk_attention.ops.lse import lse_inference
-
-    monkeypatch.setattr(lse_module, "_KERNEL_GROUPS_HEADS", kernel_groups_heads)
     from ntk_attention.ops.state import state_matrix
 
+    monkeypatch.setattr(lse_module, "_KERNEL_GROUPS_HEADS", kernel_groups_heads)
     inputs = make_inputs(case)
     phi = get_feature_map("elu", case.head_dim)
     matrix = state_matrix(inputs["z"], inputs["kappa"])

@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ntk_attention.ops import get_feature_map, ntk_attention
+from ntk_attention.ops.masks import combined_mask
 from ntk_attention.testing import assert_close, reference_ntk_attention
 
 TOLERANCE = {torch.float64: (1e-9, 1e-9), torch.float32: (2e-4, 2e-5)}
@@ -117,11 +118,7 @@ def _every_row_sees_a_logit_above(inputs: dict, bound: float) -> bool:
     groups = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(groups, dim=1)
     logits = (q @ k.transpose(-1, -2)) * inputs["feature_map"].scale
-    mask = inputs["attn_mask"]
+    mask = combined_mask(inputs["attn_mask"], inputs["is_causal"], *logits.shape[-2:], q.device)
     if mask is not None:
         logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask
-    if inputs["is_causal"]:
-        q_len, k_len = logits.shape[-2:]
-        visible = torch.ones(q_len, k_len, dtype=torch.bool).tril(k_len - q_len)
-        logits = logits.masked_fill(~visible, float("-inf"))
     return bool((logits.amax(-1) > bound).all())

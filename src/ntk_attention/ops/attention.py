@@ -11,7 +11,7 @@ import torch
 
 from .feature_maps import FeatureMap
 from .fused import fused_attention
-from .lse import lse_attention, lse_inference, lse_inference_takes, lse_supported
+from .lse import lse_attention, lse_inference, lse_inference_takes
 from .naive import naive_attention
 from .state import State, state_matrix, state_terms
 from .validation import check_mask, check_qkv, check_state, resolve_feature_map
@@ -97,22 +97,24 @@ def ntk_attention_unchecked(
     state_log_scale: torch.Tensor | None,
     dropout_p: float,
     implementation: str,
+    matrix: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`ntk_attention` after its input checks, which it runs; for callers whose inputs
     are right by construction (the adapter: q, k, v come from the model and the state was
     built for the layer's geometry at injection), where the checks' host cost counts (one call
     per layer and token when decoding). ``feature_map`` is a FeatureMap, ``scale`` a float and
-    ``implementation`` one of IMPLEMENTATIONS."""
+    ``implementation`` one of IMPLEMENTATIONS. ``matrix``: the state's [Z | kappa]
+    (``state_matrix(z, kappa)``) for the no-grad lse path, from a caller that keeps it across
+    calls (the adapter, for a ``generate`` call); built here when needed and not given."""
     if (
-        implementation == "lse" and attn_mask is None and not torch.is_grad_enabled()
-        and lse_inference_takes(q, k, is_causal) and lse_supported(q, v, dropout_p)
+        implementation == "lse" and attn_mask is None
+        and lse_inference_takes(q, k, v, is_causal, dropout_p)
     ):
-        out = lse_inference(
-            q, k, v, state_matrix(z, kappa), feature_map, is_causal=is_causal, scale=scale,
-            state_log_scale=state_log_scale, dropout_p=dropout_p,
+        return lse_inference(
+            q, k, v, state_matrix(z, kappa) if matrix is None else matrix, feature_map,
+            is_causal=is_causal, scale=scale, state_log_scale=state_log_scale,
+            dropout_p=dropout_p,
         )
-        if out is not None:
-            return out
     terms = state_terms(q, z, kappa, feature_map, state_log_scale)
     return IMPLEMENTATIONS[implementation](
         q, k, v, terms, attn_mask=attn_mask, is_causal=is_causal, scale=scale, dropout_p=dropout_p

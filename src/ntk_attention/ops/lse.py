@@ -26,7 +26,7 @@ import torch
 from .feature_maps import FeatureMap
 from .fused import fused_attention
 from .masks import combined_mask
-from .state import StateTerms
+from .state import StateTerms, state_features
 
 __all__ = ["lse_attention", "lse_inference", "lse_inference_takes", "lse_supported"]
 
@@ -83,10 +83,17 @@ def _kernel_groups_heads() -> bool:
 _KERNEL_GROUPS_HEADS = _kernel_groups_heads()
 
 
-def lse_inference_takes(q: torch.Tensor, k: torch.Tensor, is_causal: bool) -> bool:
-    """Whether :func:`lse_inference` takes a maskless no-grad call of this layout (else it
-    returns None): all but a causal block of several queries against a longer key list."""
-    return not is_causal or q.shape[2] == 1 or q.shape[2] == k.shape[2]
+def lse_inference_takes(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool, dropout_p: float
+) -> bool:
+    """Whether :func:`lse_inference` takes a maskless call (else it returns None): autograd
+    off, what :func:`lse_supported` accepts, and any layout but a causal block of several
+    queries against a longer key list."""
+    return (
+        not torch.is_grad_enabled()
+        and lse_supported(q, v, dropout_p)
+        and (not is_causal or q.shape[2] == 1 or q.shape[2] == k.shape[2])
+    )
 
 
 def lse_supported(q: torch.Tensor, v: torch.Tensor, dropout_p: float) -> bool:
@@ -208,9 +215,7 @@ def lse_inference(
     are repeated. Returns None for calls it does not take (a mask, autograd, a causal
     block with Lq != Lk > 1, what :func:`lse_supported` rejects): :func:`lse_attention`
     computes those. Tests compare it with the naive twin like every path."""
-    if torch.is_grad_enabled() or not lse_supported(q, v, dropout_p):
-        return None
-    if not lse_inference_takes(q, k, is_causal):
+    if not lse_inference_takes(q, k, v, is_causal, dropout_p):
         return None
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads = k.shape[1]
@@ -223,15 +228,8 @@ def lse_inference(
     # One row, or a state per row: 3-D [B * Hkv, N, .] throughout, one bmm, and the terms
     # broadcast against the kernel's output when B = 1 (fewer ops per token).
     state_input = grouped.reshape(batch * kv_heads, rows, head_dim) if per_head else grouped
-    if type(feature_map).log_forward is FeatureMap.log_forward:  # offset 0: skip it
-        features, log_weight = feature_map(state_input), None
-    else:
-        features, log_weight = feature_map.log_forward(state_input)  # offset [.., N, 1]
-    if features.shape[-1] != r:
-        raise ValueError(f"feature_map gives {features.shape[-1]} features; the state has r = {r}")
     compute = matrix.dtype
-    if features.dtype != compute:
-        features = features.to(compute)
+    features, log_weight = state_features(state_input, feature_map, r, compute)  # offset [.., N, 1]
     if per_head:
         terms = torch.bmm(features, matrix if matrix.dim() == 3 else matrix.flatten(0, 1))
     else:  # one state shared by several rows

@@ -19,10 +19,11 @@ __all__ = [
     "StateTerms",
     "deferred_nonnegative_projection",
     "grouped_state_terms",
-    "state_matrix",
     "nonnegative",
     "prefix_to_state",
     "project_nonnegative_grad",
+    "state_features",
+    "state_matrix",
     "state_terms",
 ]
 
@@ -94,38 +95,16 @@ def grouped_state_terms(
     is None where it is 0 (maps with the default ``log_forward`` and no state_log_scale), else
     broadcastable to [B, Hkv, N, 1]."""
     compute_dtype = torch.promote_types(grouped.dtype, torch.float32)
-    if type(feature_map).log_forward is FeatureMap.log_forward:  # offset 0: skip it
-        features, offset = feature_map(grouped), None  # [B, Hkv, N, r]
+    features, offset = state_features(grouped, feature_map, kappa.shape[-1], compute_dtype)
+    # Matmuls against [Hkv, r, .] or per row [B, Hkv, r, .] broadcast over features
+    # [B, Hkv, N, r]. (Not one matmul against [Z | kappa]: its cat copies the whole state on
+    # every call; decoding, where the state is fixed, uses state_matrix instead.)
+    mass = features @ _as(kappa, compute_dtype).unsqueeze(-1)  # [B, Hkv, N, 1]
+    if isinstance(z, tuple):
+        z_a, z_b = (_as(t, compute_dtype) for t in z)
+        numer = (features @ z_a) @ z_b  # [B, Hkv, N, D]
     else:
-        features, offset = feature_map.log_forward(grouped)  # [B, Hkv, N, r], [B, Hkv, N, 1]
-    if features.shape[:-1] != grouped.shape[:-1] or features.shape[-1] != kappa.shape[-1]:
-        raise ValueError(
-            f"feature_map maps {tuple(grouped.shape)} to {tuple(features.shape)}; expected "
-            f"[..., r] with r = {kappa.shape[-1]} from kappa {tuple(kappa.shape)}"
-        )
-    features = _as(features, compute_dtype)
-
-    # Against [Hkv, r, .] or per row [B, Hkv, r, .]. (Not one matmul against [Z | kappa]: its
-    # cat copies the whole state on every call, and at decoding the state is read from memory.)
-    kappa = _as(kappa, compute_dtype).unsqueeze(-1)  # [(B,) Hkv, r, 1]
-    matrices = (kappa, *z) if isinstance(z, tuple) else (kappa, z)
-    matrices = tuple(_as(t, compute_dtype) for t in matrices)
-    batch, heads, length, r = features.shape
-    per_head = batch * heads
-    if all(t.numel() == per_head * t.shape[-2] * t.shape[-1] for t in matrices):
-        # One matrix per (row, head): bmm on flat views. The broadcasting matmul would expand
-        # and reshape first, ~15 us of host time per call at decoding sizes.
-        features = features.reshape(per_head, length, r)
-        mass = torch.bmm(features, matrices[0].reshape(per_head, r, 1))
-        numer = features
-        for matrix in matrices[1:]:  # Z, or Z_A then Z_B
-            numer = torch.bmm(numer, matrix.reshape(per_head, *matrix.shape[-2:]))
-        mass, numer = mass.view(batch, heads, length, 1), numer.view(batch, heads, length, -1)
-    else:  # one state shared by several rows: broadcast over the batch
-        mass = features @ matrices[0]  # [B, Hkv, N, 1]
-        numer = features
-        for matrix in matrices[1:]:
-            numer = numer @ matrix  # [B, Hkv, N, D]
+        numer = features @ _as(z, compute_dtype)  # [B, Hkv, N, D]
     if offset is not None:
         offset = _as(offset, compute_dtype)
     if state_log_scale is not None:
@@ -133,6 +112,24 @@ def grouped_state_terms(
         scale = scale[..., None, None] if scale.dim() >= 1 else scale  # [(B,) Hkv, 1, 1]
         offset = scale if offset is None else offset + scale
     return offset, mass, numer
+
+
+def state_features(
+    queries: torch.Tensor, feature_map: FeatureMap, r: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """phi(queries) [..., r] in ``dtype`` and its log offset [..., 1] (None for maps whose
+    offset is 0, i.e. the default ``log_forward``: it is never built). Raises ValueError if the
+    map does not give r features for each query."""
+    if type(feature_map).log_forward is FeatureMap.log_forward:  # offset 0: skip it
+        features, offset = feature_map(queries), None
+    else:
+        features, offset = feature_map.log_forward(queries)
+    if features.shape[:-1] != queries.shape[:-1] or features.shape[-1] != r:
+        raise ValueError(
+            f"feature_map maps {tuple(queries.shape)} to {tuple(features.shape)}; expected "
+            f"[..., r] with r = {r} from the state"
+        )
+    return _as(features, dtype), offset
 
 
 def state_matrix(z: State, kappa: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,6 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import eager_mask, sdpa_mask
 
 from ..ops import ntk_attention_unchecked
-from ..ops.lse import lse_inference
 from .layer import STATE_ATTR, OpState, RowGroup
 from .routing import ADAPTER_NAMES_KWARG
 
@@ -126,24 +125,17 @@ def _run(
     # autocast would recast its einsums to bf16 and break its backward. Shapes are right by
     # construction (the model's q, k, v; a state built for this layer's geometry), so the op's
     # input checks are skipped: they cost ~40 us per layer and token when decoding.
-    scale = q.shape[-1] ** -0.5 if scaling is None else float(scaling)
     with _no_autocast(q.device.type):
-        if op_state.matrix is not None and mask is None and implementation == "lse":
-            out = lse_inference(  # decoding: the state's matrix is kept for the generate call
-                q, k, v, op_state.matrix, op_state.feature_map, is_causal=is_causal,
-                scale=scale, state_log_scale=op_state.log_scale, dropout_p=dropout,
-            )
-            if out is not None:
-                return out.transpose(1, 2)
         out = ntk_attention_unchecked(
             q, k, v, op_state.z, op_state.kappa,
             feature_map=op_state.feature_map,
             attn_mask=mask,
             is_causal=is_causal,
-            scale=scale,
+            scale=q.shape[-1] ** -0.5 if scaling is None else float(scaling),
             state_log_scale=op_state.log_scale,
             dropout_p=dropout,
             implementation=implementation,
+            matrix=op_state.matrix,  # kept for a generate call, else None
         )  # [b, Hq, Lq, D]
     return out.transpose(1, 2)
 
