@@ -121,11 +121,14 @@ def lse_attention(
     """out = (sum_j e^{l_j} v_j + b) / (sum_j e^{l_j} + a) through the kernel's lse (see the
     module docstring). Layouts, fastest first:
 
-      * no mask, not causal or Lq = 1 (decoding): GQA query heads are folded into the query
-        length, [B, Hq, Lq, D] -> [B, Hkv, G * Lq, D], against the un-repeated keys;
+      * no mask, not causal or Lq = 1 (decoding);
       * causal with Lq = Lk and no mask: the kernel's causal flag (top-left = bottom-right);
-      * otherwise an explicit additive [.., Lq, Lk] mask (bottom-right causality folded in),
-        keys and values repeated per query head for GQA (autograd sums their gradients).
+      * otherwise an explicit additive [.., Lq, Lk] mask (bottom-right causality folded in).
+
+    GQA: the kernel groups query heads over the un-repeated keys itself (forward and backward;
+    probed at import). Without that, the first layout folds the query heads into the query
+    length, [B, Hq, Lq, D] -> [B, Hkv, G * Lq, D], and the others repeat keys and values per
+    query head (autograd sums their gradients).
 
     A row that sees no key gets b / a, or zeros when a = 0.
     """
@@ -197,8 +200,7 @@ def lse_inference(
 
     The state comes as one matrix [Z | kappa] (:func:`~.state.state_matrix`, which the adapter
     keeps for a whole ``generate`` call), so one matmul gives b = phi^T Z and a = phi^T kappa,
-    evaluated in the layout the kernel runs in (GQA query heads folded into the query length).
-    The merge is done in direct space: with the kernel's o = E / S and lse = log S, and the
+    evaluated per KV head (see GQA below). The merge is done in direct space: with the kernel's o = E / S and lse = log S, and the
     state's terms a e^{o_s}, b e^{o_s},
 
         out = (E + e^{o_s} b) / (S + e^{o_s} a) = o + (b - a o) / (S e^{-o_s} + a),
