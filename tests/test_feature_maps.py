@@ -49,6 +49,26 @@ def test_elu_is_the_papers_map():
     assert (get_feature_map("elu", 16)(100 * x) >= 0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_elu_backward_is_the_composites_gradient(dtype):
+    """The map's own backward (c min(phi, 1)) against autograd through F.elu's formula, the
+    kink at 0 and features far below the dtype's epsilon included; second derivatives too."""
+    x = torch.randn(6, 16, dtype=torch.float64) * 40
+    x[0, :4] = torch.tensor([0.0, -1e-9, 1e-9, -200.0])
+    x = x.to(dtype)
+    phi = get_feature_map("elu", 16, scale=0.3)
+    grad = torch.randn(x.shape, dtype=torch.float64).to(dtype)
+    mine, reference = x.clone().requires_grad_(), x.clone().requires_grad_()
+    phi(mine).backward(grad)
+    y = reference * math.sqrt(0.3)
+    (torch.exp(y.clamp(max=0.0)) + torch.relu(y)).backward(grad)  # d/dy = 1 at y = 0
+    tolerance = {torch.float64: 1e-15, torch.float32: 1e-6, torch.bfloat16: 1e-2}[dtype]
+    assert_close(mine.grad, reference.grad, rtol=tolerance, atol=0)
+    if dtype == torch.float64:
+        leaf = torch.randn(3, 16, dtype=dtype, requires_grad=True)
+        assert torch.autograd.gradgradcheck(phi, (leaf,))
+
+
 def test_taylor_kernel_is_the_second_order_expansion_of_exp():
     d = 6
     phi = get_feature_map("taylor", d)

@@ -90,10 +90,11 @@ def fused_attention(
 
     # Head dims padded to a multiple of 8: CUDA's flash kernels need it, and the CPU kernel
     # measured as fast at 72 as at 64 but ~7% slower at 65 (benchmarks/attention_speed.py).
+    renormalise = dropout_p == 0.0  # with dropout the values need no column for t
     if q.is_cuda:
         qk_dim = v_dim = _round_up(max(head_dim, value_dim) + 2, 8)
     else:
-        qk_dim, v_dim = _round_up(head_dim + 1, 8), _round_up(value_dim + 2, 8)
+        qk_dim, v_dim = _round_up(head_dim + 1, 8), _round_up(value_dim + 1 + renormalise, 8)
     if mask is not None:
         visible = 1.0 if mask.dtype == torch.bool else 0.0
         mask = F.pad(mask, (1, 0), value=visible)
@@ -108,7 +109,7 @@ def fused_attention(
     out_aug = F.scaled_dot_product_attention(
         q_aug,
         _AugmentKeys.apply(k, qk_dim, False, repeat),
-        _AugmentKeys.apply(v, v_dim, True, repeat),
+        _AugmentKeys.apply(v, v_dim, renormalise, repeat),
         attn_mask=mask,
         is_causal=dummy_query,
         scale=scale,
@@ -120,7 +121,7 @@ def fused_attention(
     # floor), so c' numer = w b / a: the extra key's weight times its value.
     inverse = (terms.log_offset - stabiliser).exp()
     out = _MergeState.apply(
-        out_aug, terms.numer, mass, inverse, int(dummy_query), value_dim, dropout_p == 0.0
+        out_aug, terms.numer, mass, inverse, int(dummy_query), value_dim, renormalise
     )
     return out.to(dtype)
 
@@ -220,6 +221,8 @@ class _AugmentKeys(torch.autograd.Function):
     def backward(ctx, grad):
         head_dim, groups = ctx.dims
         batch, heads, length, width = grad.shape
+        if groups == 1:  # a view: summing over a group of one would copy the gradient
+            return grad[:, :, 1:, :head_dim], None, None, None
         grouped = grad.view(batch, heads // groups, groups, length, width)
         return grouped[:, :, :, 1:, :head_dim].sum(2), None, None, None
 
@@ -229,7 +232,7 @@ class _MergeState(torch.autograd.Function):
     (o: columns [:Dv], w: column Dv, t: column Dv + 1), dropping ``dummy_row`` leading rows.
     ``inverse`` = e^{offset - lambda} (lambda carries no gradient, the offset may). Rows with
     a zero denominator (no visible key, no state mass) are 0. Without ``renormalise``
-    (dropout) the denominator is 1. The backward writes one gradient tensor for the
+    (dropout) the denominator is 1 and column Dv + 1 is not read: out = o + c' numer. The backward writes one gradient tensor for the
     augmented output instead of the zero-filled slices autograd would build."""
 
     @staticmethod
@@ -240,39 +243,46 @@ class _MergeState(torch.autograd.Function):
         raw_weight = body[..., value_dim].to(compute)  # w, [B, H, L]
         weight = raw_weight * inverse  # c'
         numerator = torch.addcmul(exact, weight.unsqueeze(-1), numer)
-        if renormalise:
-            denominator = torch.addcmul(body[..., value_dim + 1].to(compute), weight, mass)
-        else:
-            denominator = torch.ones_like(weight)
+        ctx.layout = (out_aug.shape, out_aug.dtype, dummy_row, value_dim, renormalise)
+        if not renormalise:  # dropout: the state is one more key, out = o + c' numer
+            ctx.save_for_backward(numer, inverse, raw_weight, weight)
+            return numerator
+        denominator = torch.addcmul(body[..., value_dim + 1].to(compute), weight, mass)
         nonempty = denominator > 0
         reciprocal = torch.where(nonempty, denominator, 1.0).reciprocal() * nonempty
         out = numerator * reciprocal.unsqueeze(-1)
         ctx.save_for_backward(out, numer, mass, inverse, raw_weight, weight, reciprocal)
-        ctx.layout = (out_aug.shape, out_aug.dtype, dummy_row, value_dim, renormalise)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        out, numer, mass, inverse, raw_weight, weight, reciprocal = ctx.saved_tensors
         shape, dtype, dummy_row, value_dim, renormalise = ctx.layout
-        grad_numerator = grad * reciprocal.unsqueeze(-1)  # dL/d(o + c' numer)
-        grad_denominator = -torch.linalg.vecdot(grad, out) * reciprocal  # dL/d(t + c' mass)
-        if not renormalise:
-            grad_denominator = torch.zeros_like(grad_denominator)
-        grad_weight = torch.linalg.vecdot(grad_numerator, numer) + grad_denominator * mass
-        grad_aug = grad_numer = grad_mass = grad_inverse = None
+        grad_denominator = grad_mass = None
+        if renormalise:
+            out, numer, mass, inverse, raw_weight, weight, reciprocal = ctx.saved_tensors
+            grad_numerator = grad * reciprocal.unsqueeze(-1)  # dL/d(o + c' numer)
+            grad_denominator = -torch.linalg.vecdot(grad, out) * reciprocal  # dL/d(t + c' mass)
+            grad_weight = torch.linalg.vecdot(grad_numerator, numer) + grad_denominator * mass
+            if ctx.needs_input_grad[2]:
+                grad_mass = grad_denominator * weight
+        else:  # out = o + c' numer
+            numer, inverse, raw_weight, weight = ctx.saved_tensors
+            grad_numerator = grad
+            grad_weight = torch.linalg.vecdot(grad, numer)
+        grad_aug = grad_numer = grad_inverse = None
         if ctx.needs_input_grad[0]:
             grad_aug = grad.new_empty(shape, dtype=dtype)
             grad_aug[:, :, :dummy_row].zero_()
             body = grad_aug[:, :, dummy_row:]
             body[..., :value_dim].copy_(grad_numerator)
             body[..., value_dim].copy_(grad_weight * inverse)
-            body[..., value_dim + 1].copy_(grad_denominator)
-            body[..., value_dim + 2 :].zero_()
+            tail = value_dim + 1
+            if grad_denominator is not None:
+                body[..., tail].copy_(grad_denominator)
+                tail += 1
+            body[..., tail:].zero_()
         if ctx.needs_input_grad[1]:
             grad_numer = grad_numerator * weight.unsqueeze(-1)
-        if ctx.needs_input_grad[2]:
-            grad_mass = grad_denominator * weight
         if ctx.needs_input_grad[3]:
             grad_inverse = grad_weight * raw_weight
         return grad_aug, grad_numer, grad_mass, grad_inverse, None, None, None
