@@ -633,10 +633,15 @@ def test_lse_path_without_autograd_matches_float64_reference(name):
     ],
 )
 @pytest.mark.parametrize("kernel_groups_heads", [True, False], ids=["kernel GQA", "folded"])
-def test_lse_inference_takes_maskless_no_grad_layouts(case, taken, kernel_groups_heads, monkeypatch):
+@pytest.mark.parametrize("fused_merge", [True, False], ids=["compiled merge", "torch ops"])
+def test_lse_inference_takes_maskless_no_grad_layouts(
+    case, taken, kernel_groups_heads, fused_merge, monkeypatch
+):
     """Both layouts: the kernel grouping GQA heads itself (torch here) and the fallback that
-    folds them into the query length (or repeats k, v for a causal block)."""
+    folds them into the query length (or repeats k, v for a causal block); the state merged by
+    the compiled call (ops.decode_merge, numba) and by its twin, the torch ops."""
     from ntk_attention.ops import lse as lse_module
+    from ntk_attention.ops.decode_merge import merge_into
     from ntk_attention.ops.lse import lse_inference
     from ntk_attention.ops.state import state_matrix
 
@@ -646,11 +651,14 @@ def test_lse_inference_takes_maskless_no_grad_layouts(case, taken, kernel_groups
     matrix = state_matrix(inputs["z"], inputs["kappa"])
     args = (inputs["q"], inputs["k"], inputs["v"], matrix, phi)
     options = dict(is_causal=case.is_causal, scale=case.head_dim**-0.5,
-                   state_log_scale=inputs["state_log_scale"])
+                   state_log_scale=inputs["state_log_scale"], fused_merge=fused_merge)
     assert lse_inference(*args, **options) is None  # autograd on: never taken
+    merges = []
+    monkeypatch.setattr(lse_module, "merge_into", lambda *a: merges.append(a) or merge_into(*a))
     with torch.no_grad():
         out = lse_inference(*args, **options)
     assert (out is not None) == taken
+    assert len(merges) == (taken and fused_merge)  # numba is a dependency: it must compile
     if taken:
         expected = call(reference_ntk_attention, as_float64(inputs))
         close(out, expected, 2e-5, "lse_inference")
@@ -666,7 +674,8 @@ def _decode_inputs(scale_logits: float = 1.0, seed: int = 0):
     return q, k, v, z, kappa
 
 
-def test_lse_inference_with_the_zero_state_is_the_kernel_output_exactly():
+@pytest.mark.parametrize("fused_merge", [True, False], ids=["compiled merge", "torch ops"])
+def test_lse_inference_with_the_zero_state_is_the_kernel_output_exactly(fused_merge):
     """out = o + (b - a o) / (S + a) is o bit for bit at Z = 0, kappa = 0: the adapter's
     initial state decodes exactly as the base model's SDPA (GQA heads grouped by the kernel)."""
     from ntk_attention.ops.lse import _KERNEL_GROUPS_HEADS, lse_inference
@@ -676,7 +685,7 @@ def test_lse_inference_with_the_zero_state_is_the_kernel_output_exactly():
     phi = get_feature_map("elu", 8)
     with torch.no_grad():
         out = lse_inference(q, k, v, state_matrix(z * 0, kappa * 0), phi, is_causal=True,
-                            scale=8**-0.5)
+                            scale=8**-0.5, fused_merge=fused_merge)
         base = F.scaled_dot_product_attention(q, k, v, scale=8**-0.5, enable_gqa=True)
     if _KERNEL_GROUPS_HEADS:
         assert torch.equal(out, base)
@@ -685,7 +694,8 @@ def test_lse_inference_with_the_zero_state_is_the_kernel_output_exactly():
 
 
 @pytest.mark.parametrize("logit_scale", [6.0, 0.0], ids=["lse above 88", "lse far below the state"])
-def test_lse_inference_at_extreme_logits_matches_float64_reference(logit_scale):
+@pytest.mark.parametrize("fused_merge", [True, False], ids=["compiled merge", "torch ops"])
+def test_lse_inference_at_extreme_logits_matches_float64_reference(logit_scale, fused_merge):
     """lse > 88 (e^lse overflows float32: the state's share is below precision) and a state
     that dwarfs the exact part (logits near 0 against a kappa of e^70 via the log scale)."""
     from ntk_attention.ops.lse import lse_inference
@@ -696,7 +706,7 @@ def test_lse_inference_at_extreme_logits_matches_float64_reference(logit_scale):
     phi = get_feature_map("elu", 8)
     with torch.no_grad():
         out = lse_inference(q, k, v, state_matrix(z, kappa), phi, is_causal=False,
-                            scale=8**-0.5, state_log_scale=log_scale)
+                            scale=8**-0.5, state_log_scale=log_scale, fused_merge=fused_merge)
     expected = reference_ntk_attention(
         q, k, v, z, kappa, feature_map="elu", scale=8**-0.5, state_log_scale=log_scale
     )

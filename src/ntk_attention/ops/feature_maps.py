@@ -85,6 +85,7 @@ class EluFeatureMap(FeatureMap):
         if r is not None and r != head_dim:
             raise ValueError(f"feature_map 'elu' has r = head_dim = {head_dim}, got r={r}")
         super().__init__(head_dim, head_dim, scale)
+        self.multiplier = math.sqrt(self.scale)  # phi(x) = ELU(multiplier x) + 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # ELU(x) + 1 = e^min(x, 0) + relu(x): F.elu(x) + 1 (or aten's one-op elu with scales)
@@ -93,8 +94,8 @@ class EluFeatureMap(FeatureMap):
         # whose features are all that small (the property tests find such rows). The gradient
         # at 0 is 1 (clamp passes it, relu does not); this is 3x faster than torch.where.
         if torch.is_grad_enabled() and x.requires_grad:
-            return _EluFeatures.apply(x, math.sqrt(self.scale))
-        return _elu_features(x, math.sqrt(self.scale))
+            return _EluFeatures.apply(x, self.multiplier)
+        return _elu_features(x, self.multiplier)
 
 
 def _elu_features(x: torch.Tensor, multiplier: float) -> torch.Tensor:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from .decode_merge import merge_into, merge_takes
 from .feature_maps import FeatureMap
 from .fused import fused_attention
 from .masks import combined_mask
@@ -194,9 +195,13 @@ def lse_inference(
     scale: float,
     state_log_scale: torch.Tensor | None = None,
     dropout_p: float = 0.0,
+    fused_merge: bool = True,
 ) -> torch.Tensor | None:
     """The lse path without autograd and without a mask (decoding, ``generate``), in the fewest
-    ops: at one query per step the op's host cost, not its FLOPs, is what decoding pays.
+    ops: at one query per step the op's host cost, not its FLOPs, is what decoding pays. With
+    ``fused_merge`` (the default) the state is merged by one compiled call where
+    :func:`~.decode_merge.merge_takes` holds (float32 CPU, the elu map); the torch ops below
+    are its twin and run everywhere else.
 
     The state comes as one matrix [Z | kappa] (:func:`~.state.state_matrix`, which the adapter
     keeps for a whole ``generate`` call), so one matmul gives b = phi^T Z and a = phi^T kappa,
@@ -223,6 +228,11 @@ def lse_inference(
     kv_heads = k.shape[1]
     groups = q_heads // kv_heads
     causal = is_causal and q_len > 1  # one query sees every key (bottom-right alignment)
+    if fused_merge and merge_takes(q, matrix, feature_map, state_log_scale):
+        if groups > 1 and not _KERNEL_GROUPS_HEADS:
+            k, v = (t.repeat_interleave(groups, dim=1) for t in (k, v))
+        exact, lse = _KERNELS[0](q, k, v, 0.0, causal, scale=scale)
+        return merge_into(exact, lse, q, matrix, feature_map, state_log_scale)
     rows = groups * q_len
     grouped = q.reshape(batch, kv_heads, rows, head_dim)  # [B, Hkv, G * Lq, D]
     r = matrix.shape[-2]
