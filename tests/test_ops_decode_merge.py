@@ -35,7 +35,6 @@ def _inputs(batch=2, q_heads=6, kv_heads=2, q_len=1, k_len=11, dim=16, per_row=F
         dict(),  # decoding, GQA 6/2, batch 2
         dict(per_row=True),  # a state per row (adapter mixing)
         dict(q_heads=3, kv_heads=3, batch=1, k_len=1),  # one key
-        dict(q_len=7, k_len=7),  # a causal prefill block
     ],
 )
 @pytest.mark.parametrize("log_scale", [None, "scalar", "per head", "per row"])

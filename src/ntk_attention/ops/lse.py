@@ -199,9 +199,10 @@ def lse_inference(
 ) -> torch.Tensor | None:
     """The lse path without autograd and without a mask (decoding, ``generate``), in the fewest
     ops: at one query per step the op's host cost, not its FLOPs, is what decoding pays. With
-    ``fused_merge`` (the default) the state is merged by one compiled call where
-    :func:`~.decode_merge.merge_takes` holds (float32 CPU, the elu map); the torch ops below
-    are its twin and run everywhere else.
+    ``fused_merge`` (the default) a decoding step (Lq = 1) merges the state by one compiled
+    call where :func:`~.decode_merge.merge_takes` holds (float32 CPU, the elu map); the torch
+    ops below are its twin and run everywhere else (a prefill block too: from ~16 queries per
+    head on, the bmm beats the compiled loop's product).
 
     The state comes as one matrix [Z | kappa] (:func:`~.state.state_matrix`, which the adapter
     keeps for a whole ``generate`` call), so one matmul gives b = phi^T Z and a = phi^T kappa,
@@ -228,7 +229,7 @@ def lse_inference(
     kv_heads = k.shape[1]
     groups = q_heads // kv_heads
     causal = is_causal and q_len > 1  # one query sees every key (bottom-right alignment)
-    if fused_merge and merge_takes(q, matrix, feature_map, state_log_scale):
+    if fused_merge and q_len == 1 and merge_takes(q, matrix, feature_map, state_log_scale):
         if groups > 1 and not _KERNEL_GROUPS_HEADS:
             k, v = (t.repeat_interleave(groups, dim=1) for t in (k, v))
         exact, lse = _KERNELS[0](q, k, v, 0.0, causal, scale=scale)
