@@ -114,6 +114,9 @@ def test_torch_compile_matches_eager():
     with torch.no_grad():
         got = compiled(**batch).logits
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    step = LLAMA.inputs(batch=2, length=1)  # one query: the compiled decoding merge (numba)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(**step).logits, ntk(**step).logits, rtol=1e-4, atol=1e-5)
     logits = compiled(**batch).logits
     logits.pow(2).mean().backward()
     assert all(p.grad is not None for p in ntk.parameters() if p.requires_grad)
