@@ -288,6 +288,17 @@ def markdown(config: Config, train: dict, gen: dict, step_ratios: list[float]) -
     return "\n".join(lines) + "\n"
 
 
+def _decoding_merge() -> str:
+    """Which merge NTK's decoding steps ran: the numba-compiled one or the torch ops."""
+    from ntk_attention.ops import decode_merge
+
+    if decode_merge._compile() is None:
+        return "torch ops (numba not available)"
+    import numba
+
+    return f"compiled (numba {numba.__version__})"
+
+
 def environment() -> dict:
     import peft
     import transformers
@@ -312,6 +323,7 @@ def environment() -> dict:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "peft": peft.__version__,
+        "decoding_merge": _decoding_merge(),
         "machine": {
             "platform": platform.platform(),
             "cpu": cpu,
@@ -369,7 +381,8 @@ def main() -> None:
         header = (
             f"# Adapter speed (cpu)\n\n`{env['command']}` at {env['git_commit'][:12]}"
             f"{' (dirty)' if env['git_dirty'] else ''}; torch {env['torch']}, transformers "
-            f"{env['transformers']}, peft {env['peft']}; {env['machine']['cpu']} "
+            f"{env['transformers']}, peft {env['peft']}; NTK decoding merge "
+            f"{env['decoding_merge']}; {env['machine']['cpu']} "
             f"({env['machine']['cpu_count']} cores shared with other jobs, "
             f"{env['machine']['torch_threads']} torch threads; 1-min load average "
             f"{load_before[0]:.1f} before, {env['machine']['load_average'][0]:.1f} after).\n\n"

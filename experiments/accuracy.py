@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -180,7 +181,7 @@ def environment(started: float) -> dict:
     import torch
     import transformers
 
-    return {"command": "python " + " ".join(sys.argv), "torch": torch.__version__,
+    return {"command": "python " + shlex.join(sys.argv), "torch": torch.__version__,
             "transformers": transformers.__version__, "peft": peft.__version__,
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                        f"{torch.get_num_threads()} torch threads",

@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import sys
 from pathlib import Path
 
@@ -96,7 +97,7 @@ def main() -> None:
                   flush=True)
 
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    command = "python " + " ".join([sys.argv[0], *sys.argv[1:]])
+    command = "python " + shlex.join(sys.argv)
     env = {"command": command, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
            "torch": torch.__version__, "threads": args.threads}
     args.output.with_suffix(".json").write_text(
