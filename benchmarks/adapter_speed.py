@@ -292,7 +292,7 @@ def _decoding_merge() -> str:
     """Which merge NTK's decoding steps ran: the numba-compiled one or the torch ops."""
     from ntk_attention.ops import decode_merge
 
-    if decode_merge._compile() is None:
+    if not decode_merge.available():
         return "torch ops (numba not available)"
     import numba
 

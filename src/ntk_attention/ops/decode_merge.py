@@ -34,9 +34,10 @@ import torch
 
 from .feature_maps import EluFeatureMap, FeatureMap
 
-__all__ = ["merge_into", "merge_takes"]
+__all__ = ["MIN_SCALED_LOG_SUM", "available", "merge_into", "merge_takes"]
 
-_MIN_SCALED_LOG_SUM = -60.0  # as in lse.py: e^{lse - t} floored at e^-60
+# The direct-space merge (here and in lse_inference's torch ops) floors e^{lse - t} at e^-60.
+MIN_SCALED_LOG_SUM = -60.0
 _NO_LOG_SCALE = np.zeros((1, 1), dtype=np.float32)
 
 _compiled = None  # the numba function, built on first use
@@ -49,7 +50,7 @@ def _merge_loop(exact, lse, q, matrix, multiplier, log_scale):
     head_dim = q.shape[3]
     kv_heads, width = matrix.shape[1], matrix.shape[3]
     groups = heads // kv_heads
-    zero, floor = np.float32(0.0), np.float32(_MIN_SCALED_LOG_SUM)
+    zero, floor = np.float32(0.0), np.float32(MIN_SCALED_LOG_SUM)
     features = np.empty(head_dim, np.float32)
     terms = np.empty(width, np.float32)
     for b in range(batch):
@@ -99,6 +100,12 @@ def _compile():
     return _compiled
 
 
+def available() -> bool:
+    """Whether the compiled merge can run here (numba installed and the loop compiled; the
+    first call compiles it)."""
+    return not _broken and _compile() is not None
+
+
 def merge_takes(
     q: torch.Tensor,
     matrix: torch.Tensor,
@@ -115,8 +122,7 @@ def merge_takes(
         and matrix.device.type == "cpu"
         and not q.requires_grad
         and (state_log_scale is None or state_log_scale.dtype == torch.float32)
-        and not _broken
-        and _compile() is not None
+        and available()
     )
 
 

@@ -232,8 +232,9 @@ class _MergeState(torch.autograd.Function):
     (o: columns [:Dv], w: column Dv, t: column Dv + 1), dropping ``dummy_row`` leading rows.
     ``inverse`` = e^{offset - lambda} (lambda carries no gradient, the offset may). Rows with
     a zero denominator (no visible key, no state mass) are 0. Without ``renormalise``
-    (dropout) the denominator is 1 and column Dv + 1 is not read: out = o + c' numer. The backward writes one gradient tensor for the
-    augmented output instead of the zero-filled slices autograd would build."""
+    (dropout) the denominator is 1 and column Dv + 1 is not read: out = o + c' numer. The
+    backward writes one gradient tensor for the augmented output instead of the zero-filled
+    slices autograd would build."""
 
     @staticmethod
     def forward(ctx, out_aug, numer, mass, inverse, dummy_row, value_dim, renormalise):

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from .decode_merge import merge_into, merge_takes
+from .decode_merge import MIN_SCALED_LOG_SUM, merge_into, merge_takes
 from .feature_maps import FeatureMap
 from .fused import fused_attention
 from .masks import combined_mask
@@ -34,8 +34,6 @@ __all__ = ["lse_attention", "lse_inference", "lse_inference_takes", "lse_support
 # e^x above this overflows float32: the state's weight is clipped there, as in the naive path
 # (only a state with zero mass but a non-zero numerator reaches it).
 _MAX_EXPONENT = 80.0
-# The direct-space merge of lse_inference floors e^{lse - o_s} at e^-60 (see there).
-_MIN_SCALED_LOG_SUM = -60.0
 _KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
@@ -230,9 +228,7 @@ def lse_inference(
     groups = q_heads // kv_heads
     causal = is_causal and q_len > 1  # one query sees every key (bottom-right alignment)
     if fused_merge and q_len == 1 and merge_takes(q, matrix, feature_map, state_log_scale):
-        if groups > 1 and not _KERNEL_GROUPS_HEADS:
-            k, v = (t.repeat_interleave(groups, dim=1) for t in (k, v))
-        exact, lse = _KERNELS[0](q, k, v, 0.0, causal, scale=scale)
+        exact, lse = _kernel_on_query_heads(q, k, v, causal, scale)
         return merge_into(exact, lse, q, matrix, feature_map, state_log_scale)
     rows = groups * q_len
     grouped = q.reshape(batch, kv_heads, rows, head_dim)  # [B, Hkv, G * Lq, D]
@@ -258,9 +254,7 @@ def lse_inference(
             log_weight = log_weight.reshape(*lead, q_len, 1)
         if state_log_scale is not None and state_log_scale.dim():  # [(B,) Hkv] -> [(B,) Hq]
             state_log_scale = state_log_scale.repeat_interleave(groups, dim=-1)
-        if not _KERNEL_GROUPS_HEADS:
-            k, v = (t.repeat_interleave(groups, dim=1) for t in (k, v))
-        exact, lse = _KERNELS[0](q, k, v, 0.0, causal, scale=scale)
+        exact, lse = _kernel_on_query_heads(q, k, v, causal, scale)
     else:
         if per_head and batch > 1:
             terms = terms.view(batch, kv_heads, rows, -1)
@@ -276,7 +270,7 @@ def lse_inference(
     if state_log_scale is not None:
         log_scale = state_log_scale.to(compute)
         scaled_sum = scaled_sum - (log_scale[..., None, None] if log_scale.dim() else log_scale)
-    denominator = scaled_sum.clamp_min(_MIN_SCALED_LOG_SUM).exp_()  # S e^{-o_s}
+    denominator = scaled_sum.clamp_min(MIN_SCALED_LOG_SUM).exp_()  # S e^{-o_s}
     mass = mass.clamp_min(0)  # a negative phi^T kappa (taylor features) counts as no mass
     denominator += mass
     exact = exact if exact.dtype == compute else exact.to(compute)
@@ -284,6 +278,15 @@ def lse_inference(
     out = torch.addcdiv(exact, correction, denominator)
     out = out if out.dtype == q.dtype else out.to(q.dtype)
     return out if heads_apart else out.reshape(batch, q_heads, q_len, out.shape[-1])
+
+
+def _kernel_on_query_heads(q, k, v, causal, scale):
+    """The kernel's (o, lse) on q's own heads [B, Hq, Lq, .]: GQA keys as they are where the
+    kernel groups heads itself, else repeated per query head."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1 and not _KERNEL_GROUPS_HEADS:
+        k, v = (t.repeat_interleave(groups, dim=1) for t in (k, v))
+    return _KERNELS[0](q, k, v, 0.0, causal, scale=scale)
 
 
 def _merge(q, k, v, log_offset, mass, numer, mask, empty, causal, scale, for_backward=False):
