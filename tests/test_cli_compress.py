@@ -69,6 +69,21 @@ def test_compress_prompt_writes_an_adapter_that_loads_and_generates(model_dir, t
     assert main([*again, "--overwrite"]) == 0
 
 
+def test_compress_prompt_with_exact_heads_writes_them(model_dir, tmp_path):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("The quick brown fox jumps over the lazy dog. " * 3)
+    out = tmp_path / "state"
+    code = main(["compress-prompt", "--model", str(model_dir), "--prompt-file", str(prompt),
+                 "--output", str(out), "--r", "4", "--exact-heads", "2", *FAST])
+    assert code == 0
+    record = json.loads((out / "compression.json").read_text())
+    assert len(record["report"]["exact_heads"]) == 2
+    ntk = NTKModel.from_pretrained(_load(model_dir), out)
+    config = ntk.peft_config["default"]
+    assert [list(pair) for pair in config.exact_heads] == record["report"]["exact_heads"]
+    assert config.exact_tokens == 135
+
+
 def test_convert_prefix_writes_an_adapter_that_loads(model_dir, tmp_path, capsys):
     peft_model = get_peft_model(_load(model_dir), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5))
     peft_model.save_pretrained(tmp_path / "prefix")
@@ -95,6 +110,10 @@ def test_convert_prefix_writes_an_adapter_that_loads(model_dir, tmp_path, capsys
         (["--prompt-file", "{prompt}", "--output", "{out}", "--r", "0"], "r must be a positive int, got r=0"),
         (["--prompt-file", "{prompt}", "--output", "{out}", "--feature-map", "elu", "--r", "4"],
          "fixes its own r"),
+        (["--prompt-file", "{prompt}", "--output", "{out}", "--exact-heads", "-1"],
+         "exact_heads must be an int >= 0"),
+        (["--prompt-file", "{prompt}", "--output", "{out}", "--feature-map", "elu", "--exact-heads", "1"],
+         "need feature_map 'exp'"),
     ],
 )
 def test_bad_input_is_one_error_line(model_dir, tmp_path, capsys, argv, message):

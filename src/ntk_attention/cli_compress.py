@@ -60,6 +60,9 @@ def add_compress_prompt(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-file", required=True, metavar="FILE", help="UTF-8 text")
     parser.add_argument("--output", required=True, metavar="DIR")
     _add_state_arguments(parser)
+    parser.add_argument("--exact-heads", type=int, metavar="N",
+                        help="exp: KV heads that keep every prompt token, the ones that copy "
+                        "most from it (default: as many as fit in 40%% of the budget; 0 = none)")
 
 
 def add_convert_prefix(parser: argparse.ArgumentParser) -> None:
@@ -83,6 +86,8 @@ def _config(args: argparse.Namespace):
     }
     if args.steps is not None:
         changes["steps"] = args.steps
+    if getattr(args, "exact_heads", None) is not None:  # compress-prompt only
+        changes["exact_heads"] = args.exact_heads
     return CompressConfig(**changes)
 
 

@@ -5,7 +5,8 @@ fraction of the prefix's KV cache.
 Size is counted in stored numbers, every tensor the adapter adds (parameters and buffers, all
 layers), against the prefix's KV cache: 2 x layers x KV heads x head dim x m numbers.
 
-    exp       r virtual tokens: W [r, D], b [r], Z [r, D], kappa [r] per KV head -> r (2D + 2)
+    exp       r virtual tokens: W [r, D], b [r], Z [r, D], kappa [r] per KV head -> r (2D + 2),
+              plus m x 2D for every exact (retrieval) head, which keeps the whole prompt
     elu       the paper's map (r = D); with ``sink`` > 0 the adapter's map is "elu+exp":
               D ELU features plus ``sink`` exact tokens, Z low-rank when dense does not fit
     favor     r random features (the projection [r, D] is a buffer and counts)
@@ -18,7 +19,7 @@ import dataclasses
 import math
 from typing import Any
 
-__all__ = ["FEATURE_MAPS", "INITS", "CompressConfig", "CompressError"]
+__all__ = ["EXACT_HEADS_SHARE", "FEATURE_MAPS", "INITS", "CompressConfig", "CompressError"]
 
 # Feature maps a prompt can be compressed with, and the initialisation each uses by default.
 FEATURE_MAPS = {"exp": "select", "elu": "zeros", "favor": "closed_form", "taylor": "closed_form"}
@@ -26,6 +27,9 @@ FEATURE_MAPS = {"exp": "select", "elu": "zeros", "favor": "closed_form", "taylor
 # Z = sum phi(k_i) v_i^T, kappa = sum phi(k_i) over the prompt; zeros: Z = 0, kappa = 0
 # (the prompt dropped). The first ``sink`` tokens are kept exactly with every init.
 INITS = ("auto", "select", "closed_form", "zeros")
+# With exact_heads=None (auto), an exp state spends up to this share of its budget on retrieval
+# heads that keep every prompt token (each costs 1 / (layers x KV heads) of the KV cache).
+EXACT_HEADS_SHARE = 0.4
 
 
 class CompressError(ValueError):
@@ -48,6 +52,12 @@ class CompressConfig:
                        None = 1 for exp and elu, 0 for favor and taylor (no exact tokens).
       init             "auto" (exp: select, elu: zeros, favor/taylor: closed_form) or one of
                        INITS.
+      exact_heads      exp only: how many KV heads (over all layers) keep every prompt token
+                       exactly, chosen by how much they copy from the prompt when it is read
+                       again (teacher.retrieval_scores): the heads that find a rare name or
+                       acronym of the prompt when the text repeats it. None = as many as fit
+                       in EXACT_HEADS_SHARE of the budget (0 without a budget or for a PEFT
+                       prefix, which has no tokens to re-read); 0 = none.
     Distillation inputs (never the evaluation text):
       samples, sample_length, top_p, temperature
                        continuations the model samples after the prompt.
@@ -64,6 +74,7 @@ class CompressConfig:
     memory_fraction: float | None = 1 / 8
     sink: int | None = None
     init: str = "auto"
+    exact_heads: int | None = None
     samples: int = 8
     sample_length: int = 64
     top_p: float = 0.95
@@ -110,6 +121,15 @@ class CompressConfig:
                 "init 'closed_form' is for kernel feature maps (elu, favor, taylor); with "
                 "feature_map 'exp' copy the prompt's tokens in with init 'select'"
             )
+        if self.exact_heads is not None:
+            _non_negative_int("exact_heads", self.exact_heads)
+            if self.exact_heads and self.feature_map != "exp":
+                raise CompressError(
+                    f"exact_heads keep prompt tokens as exponential features: they need "
+                    f"feature_map 'exp', got {self.feature_map!r}"
+                )
+            if self.exact_heads and self.rank is not None:
+                raise CompressError("exact_heads need a dense Z: use rank=None with exact_heads")
         if self.feature_map in ("favor", "taylor") and self.resolved_sink:
             raise CompressError(
                 f"an exact sink needs exponential features: use sink=0 with feature_map "
@@ -140,6 +160,17 @@ class CompressConfig:
         if self.sink is not None:
             return self.sink
         return 1 if self.feature_map in ("exp", "elu") else 0
+
+    def exact_head_count(self, heads: int) -> int:
+        """How many of ``heads`` KV heads (layers x Hkv) keep the whole prefix exactly."""
+        if self.feature_map != "exp":
+            return 0
+        if self.exact_heads is not None:
+            return min(self.exact_heads, heads)
+        if self.memory_fraction is None or self.rank is not None:
+            return 0
+        # one exact head is 1 / heads of the KV cache
+        return min(heads, int(EXACT_HEADS_SHARE * self.memory_fraction * heads))
 
     def replace(self, **changes: Any) -> CompressConfig:
         return dataclasses.replace(self, **changes)

@@ -24,16 +24,26 @@ from .teacher import DistillData, attention_layers
 __all__ = ["distil_end_to_end", "distil_layers", "layer_losses"]
 
 
-def _relative_errors(out: torch.Tensor, target: torch.Tensor, layers: int) -> torch.Tensor:
-    """[n, layers * Hq, L, D] twice -> [layers] ||out - target||^2 / ||target||^2."""
+def _relative_errors(
+    out: torch.Tensor, target: torch.Tensor, layers: int, exact: torch.Tensor | None = None
+) -> torch.Tensor:
+    """[n, layers * Hq, L, D] twice -> [layers] ||out - target||^2 / ||target||^2. Query heads
+    marked in ``exact`` [layers * Hq] (those of exact heads, equal to the teacher by
+    construction) count as error 0."""
     shape = (out.shape[0], layers, -1, *out.shape[2:])
-    diff = (out - target).reshape(shape).square().sum(dim=(0, 2, 3, 4))
+    error = out - target
+    if exact is not None and bool(exact.any()):
+        error = error.masked_fill(exact.to(error.device)[:, None, None], 0.0)
+    diff = error.reshape(shape).square().sum(dim=(0, 2, 3, 4))
     norm = target.reshape(shape).square().sum(dim=(0, 2, 3, 4)).clamp_min(1e-30)
     return diff / norm
 
 
 class _StackedState(torch.nn.Module):
-    """Every layer's state of one adapter as one state over layers * Hkv KV heads."""
+    """Every layer's state of one adapter as one state over layers * Hkv KV heads. The exact
+    heads' kept tokens are left out (they are the teacher's own keys and values): their output
+    here is not theirs, so ``exact`` [layers * Hq] marks their query heads for the loss to skip,
+    and their virtual tokens get no gradient."""
 
     def __init__(self, ntk: NTKModel, adapter_name: str) -> None:
         super().__init__()
@@ -47,7 +57,14 @@ class _StackedState(torch.nn.Module):
             config.feature_map, g.head_dim, r=config.resolve_r(g.head_dim), scale=g.scale,
             seed=config.seed, kv_heads=heads,
         )
-        per_layer = [s.adapter_tensors(adapter_name) for s in self.states]
+        self.exact = torch.zeros(self.layers, g.kv_heads, g.q_heads // g.kv_heads, dtype=torch.bool)
+        for layer, head in config.exact_heads or ():
+            self.exact[layer, head] = True
+        self.exact = self.exact.reshape(-1)
+        per_layer = [
+            {k: t for k, t in s.adapter_tensors(adapter_name).items() if not k.startswith("ntk_exact_")}
+            for s in self.states
+        ]
         self.tensors = torch.nn.ParameterDict()
         with torch.no_grad():
             for key in per_layer[0]:
@@ -87,6 +104,8 @@ class _StackedState(torch.nn.Module):
         for layer, state in enumerate(self.states):
             params = state.adapter_parameters(self.adapter_name)
             for key, param in params.items():
+                if key.startswith("ntk_exact_"):
+                    continue
                 if key.startswith("ntk_feature_map."):
                     source = feature_params[key.removeprefix("ntk_feature_map.")]
                 else:
@@ -100,7 +119,7 @@ def layer_losses(ntk: NTKModel, data: DistillData, adapter_name: str = "default"
     stack = _StackedState(ntk, adapter_name)
     with torch.no_grad():
         out = stack(data.queries, data.keys, data.values)
-    return _relative_errors(out, data.outputs, stack.layers)
+    return _relative_errors(out, data.outputs, stack.layers, stack.exact)
 
 
 def distil_layers(
@@ -127,7 +146,7 @@ def distil_layers(
     for _ in bar:
         index = torch.randperm(rows, generator=generator)[:batch] if batch < rows else slice(None)
         out = stack(data.queries[index], data.keys[index], data.values[index])
-        loss = _relative_errors(out, data.outputs[index], stack.layers).mean()
+        loss = _relative_errors(out, data.outputs[index], stack.layers, stack.exact).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -135,7 +154,7 @@ def distil_layers(
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
     with torch.no_grad():
         out = stack(data.queries, data.keys, data.values)
-        losses.append(_relative_errors(out, data.outputs, stack.layers).mean().item())
+        losses.append(_relative_errors(out, data.outputs, stack.layers, stack.exact).mean().item())
     stack.write_back()
     return losses
 

@@ -11,8 +11,9 @@ trained one works):
      the teacher samples after the prompt and windows of the prompt read again: never the text
      the state will be evaluated on;
   2. initialise the state from the prompt (exp: its own keys/values chosen by the attention
-     mass those inputs put on them, the first ``sink`` tokens always; elu: an exact sink
-     beside a zero linear state; favor/taylor: the closed form);
+     mass those inputs put on them, the first ``sink`` tokens always, and the retrieval heads
+     (the KV heads that copy most from the prompt when it is read again) keep every prompt
+     token; elu: an exact sink beside a zero linear state; favor/taylor: the closed form);
   3. distil layer-wise (attention outputs), then optionally end to end (KL on the logits);
      skipped when the state already is the prompt (exp features holding every prompt token).
 The adapter shifts the continuation's positions by the prompt length (``position_offset``).
@@ -38,10 +39,11 @@ from .teacher import (
     capture,
     prompt_prefix,
     reread_windows,
+    retrieval_scores,
     sample_continuations,
 )
 
-__all__ = ["CompressionReport", "compress_prefix", "compress_prompt", "prompt_ids"]
+__all__ = ["CompressionReport", "choose_exact_heads", "compress_prefix", "compress_prompt", "prompt_ids"]
 
 
 @dataclasses.dataclass
@@ -54,6 +56,7 @@ class CompressionReport:
     rank: int | None
     state_numel: int
     kv_cache_numel: int
+    exact_heads: list[list[int]]  # [layer, KV head] pairs that keep every prefix token
     layer_losses: list[float]
     end_to_end_losses: list[float]
     seconds: dict[str, float]
@@ -163,10 +166,40 @@ def compress_prompt(
     rereads = reread_windows(ids, config.rereads, config.sample_length, generator)
     inputs = torch.cat([sampled.cpu(), rereads])
     timings["sample"] = time.perf_counter() - started
+    retrieval = None
+    if config.exact_head_count(prefix.layers * prefix.geometry.kv_heads):
+        mark = time.perf_counter()
+        try:
+            retrieval = retrieval_scores(model, prefix, ids, length=config.sample_length)
+        except CompressError:
+            if config.exact_heads is not None:  # asked for: say why it cannot be done
+                raise
+            retrieval = None  # auto: a prompt too short to re-read keeps no exact heads
+        timings["retrieval_scores"] = time.perf_counter() - mark
     return compress_prefix(
         model, prefix, inputs, config=config, seed=seed, progress=progress,
-        generator=generator, timings=timings, started=started,
+        generator=generator, timings=timings, started=started, retrieval=retrieval,
     )
+
+
+def choose_exact_heads(
+    config: CompressConfig, prefix: PrefixKV, retrieval: torch.Tensor | None
+) -> tuple[tuple[int, int], ...]:
+    """The (layer, KV head) pairs that keep the whole prefix: the ``config.exact_head_count``
+    heads with the highest retrieval scores [layers, Hkv] (in layer, head order)."""
+    count = config.exact_head_count(prefix.layers * prefix.geometry.kv_heads)
+    if not count:
+        return ()
+    if retrieval is None:
+        if config.exact_heads is None:  # auto: nothing to choose them by (e.g. a PEFT prefix)
+            return ()
+        raise CompressError(
+            f"exact_heads={config.exact_heads} needs the prefix's tokens to find the retrieval "
+            "heads (a prompt re-read); this prefix has none: use exact_heads=0"
+        )
+    kv_heads = retrieval.shape[1]
+    top = retrieval.flatten().topk(count).indices.sort().values
+    return tuple((int(i) // kv_heads, int(i) % kv_heads) for i in top)
 
 
 def compress_prefix(
@@ -181,13 +214,16 @@ def compress_prefix(
     timings: dict[str, float] | None = None,
     started: float | None = None,
     data: DistillData | None = None,
+    retrieval: torch.Tensor | None = None,
 ) -> NTKModel:
     """Steps 2-3 of the recipe for any prefix (a prompt's cache or a PEFT prefix): capture the
-    teacher on ``inputs`` [N, L], build and initialise the state, distil it."""
+    teacher on ``inputs`` [N, L], build and initialise the state, distil it. ``retrieval``
+    [layers, Hkv] (teacher.retrieval_scores) chooses the exact heads of an exp state."""
     generator = generator or torch.Generator().manual_seed(seed)
     timings = {} if timings is None else timings
     started = time.perf_counter() if started is None else started
-    ntk_config = ntk_config_for(config, prefix, seed=seed)
+    exact_heads = choose_exact_heads(config, prefix, retrieval)
+    ntk_config = ntk_config_for(config, prefix, seed=seed, exact_heads=exact_heads)
     mark = time.perf_counter()
     if data is None:
         data = capture(
@@ -231,6 +267,7 @@ def compress_prefix(
         rank=ntk_config.rank,
         state_numel=adapter_numel(ntk_config, prefix.geometry, layers),
         kv_cache_numel=prefix.kv_cache_numel(),
+        exact_heads=[list(pair) for pair in exact_heads],
         layer_losses=layer_losses,
         end_to_end_losses=e2e_losses,
         seconds=timings,

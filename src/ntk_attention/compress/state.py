@@ -8,7 +8,9 @@ Initialisation, per layer and KV head (a state is attention over virtual tokens 
 kernel maps, a linear-attention part):
 
     exp       slot i = prompt token idx_i exactly: W_i = k_idx, b_i = 0, kappa_i = 1, Z_i = v_idx
-              (idx: the sink, then by attention mass); spare slots get kappa = 0
+              (idx: the sink, then by attention mass); spare slots get kappa = 0. Exact
+              (retrieval) heads keep every prompt token in ntk_exact_keys / ntk_exact_values,
+              and their virtual-token slots start empty (kappa = 0, Z = 0)
     elu       ELU part: 0 ("zeros") or the closed form over the non-sink tokens; the exp part
               ("elu+exp") holds the sink tokens exactly
     favor/taylor  closed form Z = sum phi(k_i) v_i^T, kappa = sum phi(k_i) (or zeros)
@@ -21,6 +23,7 @@ both factors train (as LoRA's A and B).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import torch
@@ -36,19 +39,37 @@ __all__ = ["adapter_numel", "initialise", "ntk_config_for"]
 
 
 def adapter_numel(config: NTKConfig, geometry: Geometry, layers: int) -> int:
-    """Numbers the adapter stores for ``layers`` layers of this geometry (parameters + buffers)."""
-    state = NTKState(geometry)
-    state.add_adapter("size", config, torch.device("cpu"))
-    return layers * sum(t.numel() for t in state.adapter_tensors("size").values())
+    """Numbers the adapter stores for ``layers`` layers of this geometry (parameters + buffers),
+    the exact heads' kept tokens (in the layers that have them) included."""
+
+    def stored(layer_config: NTKConfig, layer_index: int) -> int:
+        state = NTKState(dataclasses.replace(geometry, layer_index=layer_index))
+        state.add_adapter("size", layer_config, torch.device("cpu"))
+        return sum(t.numel() for t in state.adapter_tensors("size").values())
+
+    plain = config.replace(exact_heads=None, exact_tokens=None)
+    total = layers * stored(plain, 0)
+    for layer in sorted({layer for layer, _ in config.exact_heads or ()}):
+        total += stored(config, layer) - stored(plain, layer)
+    return total
 
 
 def ntk_config_for(
-    config: CompressConfig, prefix: PrefixKV, seed: int = 0
+    config: CompressConfig,
+    prefix: PrefixKV,
+    seed: int = 0,
+    exact_heads: tuple[tuple[int, int], ...] | None = None,
 ) -> NTKConfig:
-    """The adapter config for compressing ``prefix`` as ``config`` says, within its budget."""
+    """The adapter config for compressing ``prefix`` as ``config`` says, within its budget.
+    ``exact_heads`` ((layer, KV head), ...) keep all m prefix tokens (exp only); the virtual
+    tokens get what is left of the budget."""
     g, layers, m = prefix.geometry, prefix.layers, prefix.length
     sink = config.resolved_sink
     base = {"position_offset": prefix.position_offset, "seed": seed}
+    if exact_heads:
+        if config.feature_map != "exp":
+            raise CompressError(f"exact heads need feature_map 'exp', got {config.feature_map!r}")
+        base.update(exact_heads=tuple(exact_heads), exact_tokens=m)
     if config.feature_map == "elu":
         name, r = ("elu+exp", g.head_dim + sink) if sink else ("elu", None)
     elif config.feature_map == "exp" and config.r is None and config.memory_fraction is None:
@@ -161,6 +182,17 @@ def initialise(
             weight, bias = params[prefix_name + "weight"], params[prefix_name + "bias"]
             weight[:, :n] = keys.gather(1, gather).to(weight)
             bias.zero_()
+        heads = ntk_config.exact_heads_of(layer)
+        if heads:
+            if ntk_config.exact_tokens != m:
+                raise CompressError(
+                    f"the adapter's exact heads keep {ntk_config.exact_tokens} tokens, the prefix "
+                    f"has {m}"
+                )
+            index = torch.tensor(heads)
+            params["ntk_exact_keys"].copy_(keys[index].to(params["ntk_exact_keys"]))
+            params["ntk_exact_values"].copy_(values[index].to(params["ntk_exact_values"]))
+            z[index], kappa[index] = 0.0, 0.0  # their virtual tokens start empty
         _write_z(params, z, ntk_config, seed=ntk_config.seed * 7919 + layer)
         params["ntk_kappa"].copy_(kappa.to(params["ntk_kappa"]))
     return selection

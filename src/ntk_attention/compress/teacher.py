@@ -38,6 +38,7 @@ __all__ = [
     "capture",
     "prompt_prefix",
     "reread_windows",
+    "retrieval_scores",
     "sample_continuations",
 ]
 
@@ -298,6 +299,67 @@ def reread_windows(
         return ids.new_empty(0, length)
     starts = torch.randint(0, ids.numel() - length + 1, (count,), generator=generator)
     return torch.stack([ids[int(s) : int(s) + length] for s in starts])
+
+
+@torch.no_grad()
+def retrieval_scores(
+    model: nn.Module,
+    prefix: PrefixKV,
+    prompt_ids: torch.Tensor,
+    *,
+    windows: int = 8,
+    length: int = 64,
+    skip: int = 4,
+    chunk: int = 4,
+) -> torch.Tensor:
+    """How much each KV head copies from the prompt: [layers, Hkv] in [0, 1].
+
+    Windows of the prompt (``windows`` of ``length`` tokens, evenly spaced) are read again after
+    it. A head that retrieves (an induction or "retrieval" head) attends, from the copy of token
+    i, to token i + 1 of the prompt, which tells it what comes next. The score is that attention
+    probability, averaged over the window positions after the first ``skip`` (which lack the
+    context to find their place) and over the KV head's query heads:
+
+        score(l, h) = mean_{window s, j >= skip, query head of h}  p_l(query s + j -> key s + j + 1)
+    """
+    ids = prompt_ids.reshape(-1)
+    m = prefix.length
+    if ids.numel() != m:
+        raise CompressError(f"the prompt has {ids.numel()} tokens, its prefix {m}")
+    length = min(length, m - 1)
+    if length <= skip:
+        raise CompressError(
+            f"retrieval scores need windows longer than skip={skip} tokens; the prompt has {m}"
+        )
+    count = max(1, min(windows, (m - 1) // length))
+    starts = torch.linspace(0, m - 1 - length, count).round().long().unique()
+    layers, g = attention_layers(model)
+    groups = g.q_heads // g.kv_heads
+    device = _device(model)
+    total = torch.zeros(len(layers), g.kv_heads, dtype=torch.float64)
+    positions = torch.arange(skip, length, device=device)
+    for first in range(0, starts.numel(), chunk):
+        part = starts[first : first + chunk]
+        rows = torch.stack([ids[int(s) : int(s) + length] for s in part]).to(device)
+        # target[row, j]: the prompt position that followed window token j the first time
+        target = (part.to(device)[:, None] + positions[None, :] + 1)  # [rows, J]
+        with _recording(model, mass_keys=0, mass_queries=None) as recorder:
+            model(input_ids=rows, past_key_values=prefix.cache(rows.shape[0]), use_cache=True)
+        _check_recorded(recorder, len(layers))
+        for layer in range(len(layers)):
+            record = recorder.records[layer]
+            q = record["queries"][:, :, skip:].float()  # [B, Hq, J, D]
+            keys = torch.cat(
+                [prefix.keys[layer].unsqueeze(0).expand(rows.shape[0], -1, -1, -1), record["keys"]], 2
+            ).float().repeat_interleave(groups, dim=1)  # [B, Hq, m + length, D]
+            logits = g.scale * q @ keys.transpose(-1, -2)
+            # window token j sits at key m + j and sees keys <= m + j
+            hidden = torch.arange(m + length, device=device)[None, :] > (m + positions)[:, None]
+            probs = logits.masked_fill(hidden, -torch.inf).softmax(-1)  # [B, Hq, J, m + L]
+            index = target[:, None, :, None].expand(-1, probs.shape[1], -1, 1)
+            hit = probs.gather(-1, index)[..., 0]  # [B, Hq, J]
+            total[layer] += hit.reshape(rows.shape[0], g.kv_heads, groups, -1).double().sum((0, 2, 3)).cpu()
+    return (total / (starts.numel() * groups * positions.numel())).float()
 
 
 @torch.no_grad()

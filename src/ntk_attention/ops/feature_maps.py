@@ -47,6 +47,7 @@ __all__ = [
     "EluExpFeatureMap",
     "EluFeatureMap",
     "ExpFeatureMap",
+    "ExpFeatureView",
     "FavorFeatureMap",
     "FeatureMap",
     "TaylorFeatureMap",
@@ -202,6 +203,21 @@ class ExpFeatureMap(FeatureMap):
         exponent = self._exponent(x)
         offset = exponent.amax(-1, keepdim=True).detach()
         return (exponent - offset).exp(), offset
+
+
+class ExpFeatureView(ExpFeatureMap):
+    """``exp`` features over given tensors instead of parameters of its own: weight [Hkv, r, D]
+    and bias [Hkv, r] (entries of -inf give phi = 0). Built per call, e.g. by the adapter to
+    join kept prompt tokens to the trained virtual tokens; gradients flow to the tensors."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, scale: float) -> None:
+        FeatureMap.__init__(self, weight.shape[-1], weight.shape[-2], scale)
+        if bias.shape != weight.shape[:-1]:
+            raise ValueError(
+                f"bias must be [Hkv, r] = {tuple(weight.shape[:-1])}, got {tuple(bias.shape)}"
+            )
+        # plain attributes (not parameters): this view owns nothing
+        self.__dict__["weight"], self.__dict__["bias"] = weight, bias
 
 
 class EluExpFeatureMap(FeatureMap):

@@ -56,6 +56,11 @@ class NTKConfig:
       learn_log_scale  add a trainable per-KV-head log scale of the state (``ntk_log_scale``):
                        a state whose features overflow float32 keeps its scale in log space.
       implementation   "auto", "lse", "fused" or "naive" (see IMPLEMENTATIONS).
+      exact_heads      ((layer, kv_head), ...): KV heads that also keep ``exact_tokens`` tokens
+                       exactly (keys ``ntk_exact_keys`` and values ``ntk_exact_values``
+                       [n, exact_tokens, D] in the layers that have such heads), e.g. the
+                       retrieval heads of a compressed prompt. "exp" features only.
+      exact_tokens     how many tokens each exact head keeps (required with ``exact_heads``).
     """
 
     feature_map: str = "elu"
@@ -69,6 +74,8 @@ class NTKConfig:
     seed: int = 0
     learn_log_scale: bool = False
     implementation: str = "auto"
+    exact_heads: tuple[tuple[int, int], ...] | None = None
+    exact_tokens: int | None = None
 
     def __post_init__(self) -> None:
         # Lists are accepted and frozen into tuples, so the config stays hashable and immutable.
@@ -78,6 +85,12 @@ class NTKConfig:
                 if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
                     raise ValueError(f"{name} must be a list of values or None, got {value!r}")
                 object.__setattr__(self, name, tuple(value))
+        if self.exact_heads is not None and not isinstance(self.exact_heads, (str, bytes)):
+            try:
+                heads = tuple(tuple(pair) for pair in self.exact_heads)
+            except TypeError:
+                heads = self.exact_heads
+            object.__setattr__(self, "exact_heads", heads)
         self._validate()
 
     def _validate(self) -> None:
@@ -123,6 +136,46 @@ class NTKConfig:
             raise ValueError(
                 f"implementation must be one of {IMPLEMENTATIONS}, got {self.implementation!r}"
             )
+        self._validate_exact_heads()
+
+    def _validate_exact_heads(self) -> None:
+        if self.exact_heads is None:
+            if self.exact_tokens is not None:
+                raise ValueError("exact_tokens is set but exact_heads is None: give both or neither")
+            return
+        heads = self.exact_heads
+        if (
+            not isinstance(heads, tuple)
+            or not heads
+            or not all(
+                isinstance(pair, tuple) and len(pair) == 2
+                and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in pair)
+                for pair in heads
+            )
+        ):
+            raise ValueError(
+                f"exact_heads must be a non-empty list of (layer, kv_head) pairs of ints >= 0, "
+                f"got {self.exact_heads!r}"
+            )
+        if len(set(heads)) != len(heads):
+            raise ValueError(f"exact_heads has duplicates: {heads!r}")
+        _check_positive_int("exact_tokens", self.exact_tokens, optional=False)
+        if self.feature_map != "exp":
+            raise ValueError(
+                f"exact_heads keep tokens as exponential features: they need feature_map 'exp', "
+                f"got {self.feature_map!r}"
+            )
+        if self.rank is not None or self.learn_log_scale:
+            raise ValueError(
+                "exact_heads need a dense Z and no learned log scale (rank=None, "
+                "learn_log_scale=False): either would change the kept tokens"
+            )
+
+    def exact_heads_of(self, layer_index: int) -> tuple[int, ...]:
+        """The KV heads of layer ``layer_index`` that keep exact tokens (sorted)."""
+        if self.exact_heads is None:
+            return ()
+        return tuple(sorted(head for layer, head in self.exact_heads if layer == layer_index))
 
     def resolve_r(self, head_dim: int) -> int:
         """The feature dimension for a layer whose head dim is ``head_dim``."""
@@ -151,6 +204,8 @@ class NTKConfig:
         for name in ("target_layers", "modules_to_save"):
             if out[name] is not None:
                 out[name] = list(out[name])
+        if out["exact_heads"] is not None:
+            out["exact_heads"] = [list(pair) for pair in out["exact_heads"]]
         return out
 
     @classmethod

@@ -8,6 +8,9 @@
       ntk_z_a        [Hkv, r, s]    ntk_z_b [Hkv, s, D]        Z = Z_A Z_B
       ntk_kappa      [Hkv, r]       theta; kappa = nonnegative(theta) (projected gradient)
       ntk_log_scale  [Hkv]          optional log scale of the state
+      ntk_exact_keys, ntk_exact_values  [n, T, D]  tokens the config's ``exact_heads`` of this
+                                    layer keep exactly ("exp" maps; joined to the virtual
+                                    tokens of those heads when the state is read)
       ntk_feature_map               the feature map phi (a module: "favor" keeps its random
                                     projection as a buffer, "exp" has trainable parameters)
 
@@ -25,7 +28,7 @@ import math
 import torch
 from torch import nn
 
-from ..ops import FeatureMap, get_feature_map, nonnegative
+from ..ops import ExpFeatureView, FeatureMap, get_feature_map, nonnegative
 from ..ops.state import state_matrix
 from .config import NTKConfig
 from .routing import BASE_ADAPTER, current_adapter_names, expand_rows
@@ -33,7 +36,9 @@ from .routing import BASE_ADAPTER, current_adapter_names, expand_rows
 __all__ = ["Geometry", "ModulesToSaveWrapper", "NTKState", "OpState", "RowGroup"]
 
 STATE_ATTR = "ntk_state"
-PARAMETER_KINDS = ("ntk_z", "ntk_z_a", "ntk_z_b", "ntk_kappa", "ntk_log_scale")
+PARAMETER_KINDS = (
+    "ntk_z", "ntk_z_a", "ntk_z_b", "ntk_kappa", "ntk_log_scale", "ntk_exact_keys", "ntk_exact_values",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +86,7 @@ class NTKState(nn.Module):
             setattr(self, kind, nn.ParameterDict())
         self.ntk_feature_map = nn.ModuleDict()
         self.configs: dict[str, NTKConfig] = {}
+        self.exact_heads: dict[str, torch.Tensor] = {}  # adapter -> KV head indices [n]
         self.active_adapter: str | None = None
         self.disabled = False
         self.saw_row_names = False  # set when a call's per-row names reached this layer
@@ -120,6 +126,17 @@ class NTKState(nn.Module):
             config.feature_map, g.head_dim, r=r, scale=g.scale, seed=config.seed, kv_heads=g.kv_heads
         )
         self.ntk_feature_map[name] = feature_map.to(device)
+        exact = config.exact_heads_of(g.layer_index)
+        if exact:
+            if max(exact) >= g.kv_heads:
+                raise ValueError(
+                    f"exact_heads names KV head {max(exact)} of layer {g.layer_index}, which has "
+                    f"{g.kv_heads} KV heads"
+                )
+            shape = (len(exact), config.exact_tokens, g.head_dim)
+            self.ntk_exact_keys[name] = nn.Parameter(zeros(*shape))
+            self.ntk_exact_values[name] = nn.Parameter(zeros(*shape))
+            self.exact_heads[name] = torch.tensor(exact, dtype=torch.long, device=device)
         self.configs[name] = config
 
     def delete_adapter(self, name: str) -> None:
@@ -129,6 +146,7 @@ class NTKState(nn.Module):
         if name in self.ntk_feature_map:
             del self.ntk_feature_map[name]
         self.configs.pop(name, None)
+        self.exact_heads.pop(name, None)
         if self.active_adapter == name:
             self.active_adapter = None
 
@@ -173,10 +191,34 @@ class NTKState(nn.Module):
         z = modules["ntk_z"]._parameters.get(name)
         if z is None:
             z = (modules["ntk_z_a"]._parameters[name], modules["ntk_z_b"]._parameters[name])
+        feature_map = modules["ntk_feature_map"]._modules[name]
+        if name in self.exact_heads:
+            feature_map, z, kappa = self._with_exact_tokens(name, feature_map, z, kappa)
         return OpState(
-            z, kappa, modules["ntk_log_scale"]._parameters.get(name),
-            modules["ntk_feature_map"]._modules[name], self.configs[name].implementation,
+            z, kappa, modules["ntk_log_scale"]._parameters.get(name), feature_map,
+            self.configs[name].implementation,
         )
+
+    def _with_exact_tokens(
+        self, name: str, feature_map: FeatureMap, z: torch.Tensor, kappa: torch.Tensor
+    ) -> tuple[FeatureMap, torch.Tensor, torch.Tensor]:
+        """The state with the exact heads' kept tokens joined as T more virtual tokens per KV
+        head: key W = k, bias 0, Z = v, kappa = 1 in the exact heads; bias -inf (phi = 0) and
+        kappa = 0 in the others, so they see nothing of them."""
+        heads = self.exact_heads[name]
+        keys = self._modules["ntk_exact_keys"]._parameters[name]  # [n, T, D]
+        values = self._modules["ntk_exact_values"]._parameters[name]
+        kv_heads, tokens, head_dim = z.shape[0], keys.shape[1], keys.shape[2]
+        padded_keys = keys.new_zeros(kv_heads, tokens, head_dim).index_copy(0, heads, keys)
+        padded_values = values.new_zeros(kv_heads, tokens, head_dim).index_copy(0, heads, values)
+        live = kappa.new_zeros(kv_heads, tokens).index_fill(0, heads, 1.0)
+        bias = feature_map.bias.new_full((kv_heads, tokens), -torch.inf).index_fill(0, heads, 0.0)
+        view = ExpFeatureView(
+            torch.cat([feature_map.weight, padded_keys], dim=1),
+            torch.cat([feature_map.bias, bias], dim=1),
+            scale=feature_map.scale,
+        )
+        return view, torch.cat([z, padded_values], dim=1), torch.cat([kappa, live], dim=1)
 
     # --------------------------------------------------------------- per call
     def plan(self, row_names: tuple[str, ...] | None, batch: int) -> list[RowGroup]:

@@ -248,6 +248,14 @@ class NTKModel(nn.Module):
         targets = self._resolve_targets(config)
         for name in targets:
             config.resolve_r(self._geometries[name].head_dim)  # raises on a bad r
+        if config.exact_heads is not None:
+            targeted = {self._geometries[name].layer_index for name in targets}
+            missing = sorted({layer for layer, _ in config.exact_heads} - targeted)
+            if missing:
+                raise ValueError(
+                    f"exact_heads names layers {missing}, which the adapter does not target "
+                    f"(targeted: {sorted(targeted)})"
+                )
         wrap = self._resolve_modules_to_save(config)
         position_modules = None
         if config.position_offset and self._position_hooks is None:
