@@ -208,3 +208,32 @@ def test_config_round_trips_with_exact_heads():
     data = config.to_dict()
     assert data["exact_heads"] == [[0, 1], [1, 0]]
     assert NTKConfig.from_dict(data) == config
+
+
+@pytest.mark.parametrize("implementation", ["fused", "lse"])
+def test_every_op_path_with_exact_heads_equals_the_naive_twin(implementation):
+    """Outputs and gradients (the -inf biases that hide kept tokens from other heads included)."""
+
+    def run(path):
+        model = LLAMA.build()
+        config = NTKConfig(feature_map="exp", r=3, exact_heads=[(0, 1), (1, 0)], exact_tokens=5,
+                           position_offset=5, implementation=path)
+        ntk = get_ntk_model(model, config)
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for param in ntk.parameters():
+                if param.requires_grad:
+                    param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+        ids = torch.randint(3, 90, (2, 7), generator=torch.Generator().manual_seed(1))
+        logits = ntk(input_ids=ids).logits
+        logits.square().mean().backward()
+        grads = {n: p.grad for n, p in ntk.named_parameters() if p.requires_grad}
+        return logits.detach(), grads
+
+    logits, grads = run(implementation)
+    naive_logits, naive_grads = run("naive")
+    assert_close(logits, naive_logits, rtol=1e-4, atol=1e-5)
+    assert any("ntk_exact_keys" in name for name in grads)
+    for name, grad in naive_grads.items():
+        assert torch.isfinite(grads[name]).all(), name
+        assert_close(grads[name], grad, rtol=1e-3, atol=1e-5)

@@ -126,3 +126,11 @@ def test_other_adapters_and_missing_files_are_named(tmp_path):
         convert_prefix(tmp_path / "lora", LLAMA.build(), progress=False)
     with pytest.raises(CompressError, match=r"no adapter_config.json in .*missing"):
         convert_prefix(tmp_path / "missing", LLAMA.build(), progress=False)
+
+
+def test_exact_heads_are_named_for_a_prefix_without_tokens(prefix_dir):
+    model = LLAMA.build()
+    config = CompressConfig(r=2, exact_heads=1, **SMALL)
+    with pytest.raises(CompressError, match=r"exact_heads=1 needs the prefix's tokens.*use exact_heads=0"):
+        convert_prefix(prefix_dir, model, config=config, steps=0, progress=False)
+    assert not any("ntk_" in name for name, _ in model.named_parameters())
