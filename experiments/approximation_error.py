@@ -17,9 +17,18 @@ does not average out as m grows). Two logit regimes: "small" (entries of q, k, p
 the regime of the paper's synthetic study) and "unit" (std 1; logits of std ~1). Real
 models' logits are much wider (DESIGN.md section 7), where closed form fails.
 
+Regime "smollm2": the same study on SmolLM2-135M's own keys and values (rotary applied, as its
+attention sees them). The prefix is the first m tokens of a Wikipedia article (m <= 2^12: the
+model has 8192 positions); the sequences are 128-token windows of *other* articles read after
+it (train and held-out from different articles), and q, k, v and the prefix's keys/values are
+recorded from the model. Heads: the first query head of each KV head of layers 0, 15 and 29
+(9 heads); each cell is the median over them (the JSON has every head and the max).
+
 Metric: ||approx - exact||_F / ||exact||_F over the held-out queries.
 
     python experiments/approximation_error.py --output docs/results/approximation_error
+    python experiments/approximation_error.py --regimes smollm2 --max-log2 12 --train-sequences 8 \
+        --eval-sequences 8 --output docs/results/approximation_error_smollm2
 """
 
 from __future__ import annotations
@@ -108,13 +117,94 @@ def train_elu_state(train, exact_train, steps, lr, seed, learn_log_scale):
     return z.detach(), nonnegative(theta).detach(), log_scale.detach()
 
 
+def state_errors(train, held_out, prefix_k, prefix_v, favor_maps, args) -> dict[str, float]:
+    """Every column of one row: one head, one prefix [m, D], train and held-out (q, k, v)."""
+    exact = exact_prefix_attention(*held_out, prefix_k, prefix_v)
+    row = {}
+    no_prefix = ntk_output(*held_out, torch.zeros(HEAD_DIM, HEAD_DIM), torch.zeros(HEAD_DIM), "elu")
+    row["no_state"] = relative_error(no_prefix, exact)
+    for r, phi in favor_maps.items():
+        z, kappa = prefix_to_state(prefix_k[None], prefix_v[None], phi)
+        row[f"favor_r{r}"] = relative_error(ntk_output(*held_out, z[0], kappa[0], phi), exact)
+    z, kappa = prefix_to_state(prefix_k[None], prefix_v[None], "taylor")
+    row["taylor"] = relative_error(ntk_output(*held_out, z[0], kappa[0], "taylor"), exact)
+    started = time.perf_counter()
+    exact_train = exact_prefix_attention(*train, prefix_k, prefix_v)
+    for column, learn_log_scale in (("elu_trained", False), ("elu_trained_logscale", True)):
+        z, kappa, log_scale = train_elu_state(
+            train, exact_train, args.train_steps, args.lr, args.seed, learn_log_scale
+        )
+        row[column] = relative_error(ntk_output(*held_out, z, kappa, "elu", log_scale), exact)
+    row["elu_train_seconds"] = (time.perf_counter() - started) / 2
+    return row
+
+
+REAL_LAYERS = (0, 15, 29)
+
+
+def run_smollm2(args, favor_maps, lengths) -> list[dict]:
+    """The "smollm2" regime (module docstring): median over 9 real heads per m."""
+    import statistics
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ntk_attention.compress.teacher import capture, prompt_prefix
+    from ntk_attention.models import smollm2_path
+    from ntk_attention.train.tasks.wiki_lm import read_articles
+
+    path = smollm2_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa",
+                                                 dtype=torch.float32).eval()
+    config = model.config
+    if config.head_dim != HEAD_DIM:
+        raise SystemExit(f"SmolLM2's head dim is {config.head_dim}, the study's {HEAD_DIM}")
+    groups = config.num_attention_heads // config.num_key_value_heads
+    texts = ["\n\n".join(paragraphs) for _, paragraphs in read_articles()]
+    prefix_ids = next(ids for ids in (tokenizer(t)["input_ids"] for t in texts) if len(ids) >= lengths[-1])
+    windows = [ids[:SEQ_LEN] for ids in (tokenizer(t)["input_ids"] for t in texts[1:]) if len(ids) >= SEQ_LEN]
+    count = args.train_sequences + args.eval_sequences
+    if len(windows) < count:
+        raise SystemExit(f"only {len(windows)} articles of >= {SEQ_LEN} tokens for {count} sequences")
+    train_ids = torch.tensor(windows[: args.train_sequences])
+    eval_ids = torch.tensor(windows[args.train_sequences : count])
+    heads = [(layer, kv_head) for layer in REAL_LAYERS for kv_head in range(config.num_key_value_heads)]
+    rows = []
+    progress = tqdm(total=len(lengths) * len(heads), desc="approximation error (smollm2)")
+    for m in lengths:
+        prefix, _, _ = prompt_prefix(model, torch.tensor(prefix_ids[:m]))
+        seen = {name: capture(model, prefix, ids) for name, ids in (("train", train_ids), ("eval", eval_ids))}
+        per_head = []
+        for layer, kv_head in heads:
+            q_head = layer * config.num_attention_heads + kv_head * groups
+            kv = layer * config.num_key_value_heads + kv_head
+
+            def sequences(data, q_head=q_head, kv=kv):
+                return data.queries[:, q_head], data.keys[:, kv], data.values[:, kv]
+
+            result = state_errors(sequences(seen["train"]), sequences(seen["eval"]),
+                                  prefix.keys[layer, kv_head], prefix.values[layer, kv_head],
+                                  favor_maps, args)
+            per_head.append({"layer": layer, "kv_head": kv_head, **result})
+            progress.update()
+        columns = [c for c in per_head[0] if c not in ("layer", "kv_head")]
+        row = {"regime": "smollm2", "prefix_length": m, "heads": per_head}
+        for column in columns:
+            row[column] = statistics.median(h[column] for h in per_head)
+            row[f"{column}_max"] = max(h[column] for h in per_head)
+        rows.append(row)
+    progress.close()
+    return rows
+
+
 def run(args):
     generator = torch.Generator().manual_seed(args.seed)
     rows = []
     favor_maps = {r: get_feature_map("favor", HEAD_DIM, r=r, seed=args.seed) for r in args.favor_r}
     lengths = [2**p for p in range(args.min_log2, args.max_log2 + 1)]
-    progress = tqdm(total=len(args.regimes) * len(lengths), desc="approximation error")
-    for regime in args.regimes:
+    synthetic = [regime for regime in args.regimes if regime != "smollm2"]
+    progress = tqdm(total=len(synthetic) * len(lengths), desc="approximation error")
+    for regime in synthetic:
         std = {"small": 0.25, "unit": 1.0}[regime]
 
         def sample(n, std=std):
@@ -131,28 +221,12 @@ def run(args):
             # error meaningless at large m).
             mean_value = torch.randn(HEAD_DIM, generator=generator)
             prefix_v = mean_value + torch.randn(m, HEAD_DIM, generator=generator)
-            exact = exact_prefix_attention(*held_out, prefix_k, prefix_v)
-            row = {"regime": regime, "prefix_length": m}
-            no_prefix = ntk_output(*held_out, torch.zeros(HEAD_DIM, HEAD_DIM),
-                                   torch.zeros(HEAD_DIM), "elu")
-            row["no_state"] = relative_error(no_prefix, exact)
-            for r, phi in favor_maps.items():
-                z, kappa = prefix_to_state(prefix_k[None], prefix_v[None], phi)
-                row[f"favor_r{r}"] = relative_error(ntk_output(*held_out, z[0], kappa[0], phi), exact)
-            z, kappa = prefix_to_state(prefix_k[None], prefix_v[None], "taylor")
-            row["taylor"] = relative_error(ntk_output(*held_out, z[0], kappa[0], "taylor"), exact)
-            started = time.perf_counter()
-            exact_train = exact_prefix_attention(*train, prefix_k, prefix_v)
-            for column, learn_log_scale in (("elu_trained", False), ("elu_trained_logscale", True)):
-                z, kappa, log_scale = train_elu_state(
-                    train, exact_train, args.train_steps, args.lr, args.seed, learn_log_scale
-                )
-                approx = ntk_output(*held_out, z, kappa, "elu", log_scale)
-                row[column] = relative_error(approx, exact)
-            row["elu_train_seconds"] = (time.perf_counter() - started) / 2
-            rows.append(row)
+            rows.append({"regime": regime, "prefix_length": m,
+                         **state_errors(train, held_out, prefix_k, prefix_v, favor_maps, args)})
             progress.update()
     progress.close()
+    if "smollm2" in args.regimes:
+        rows += run_smollm2(args, favor_maps, lengths)
     return rows
 
 
@@ -171,7 +245,7 @@ def plot(rows, columns, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    regimes = sorted({row["regime"] for row in rows}, key=["small", "unit"].index)
+    regimes = sorted({row["regime"] for row in rows}, key=["small", "unit", "smollm2"].index)
     fig, axes = plt.subplots(1, len(regimes), figsize=(6 * len(regimes), 4.5), squeeze=False)
     for ax, regime in zip(axes[0], regimes, strict=False):
         subset = [row for row in rows if row["regime"] == regime]
@@ -182,7 +256,8 @@ def plot(rows, columns, path):
         ax.set_yscale("log")
         ax.set_xlabel("prefix length m")
         ax.set_ylabel("relative error on held-out queries")
-        ax.set_title(f"D={HEAD_DIM}, L={SEQ_LEN}, logit regime '{regime}'")
+        ax.set_title(f"D={HEAD_DIM}, L={SEQ_LEN}, " + ("SmolLM2-135M keys/values (median of 9 heads)"
+                     if regime == "smollm2" else f"logit regime '{regime}'"))
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -209,7 +284,8 @@ def main(argv=None):
     parser.add_argument("--min-log2", type=int, default=4)
     parser.add_argument("--max-log2", type=int, default=18)
     parser.add_argument("--favor-r", type=int, nargs="+", default=[64, 256, 1024, 4096])
-    parser.add_argument("--regimes", nargs="+", default=["small", "unit"], choices=["small", "unit"])
+    parser.add_argument("--regimes", nargs="+", default=["small", "unit"],
+                        choices=["small", "unit", "smollm2"])
     parser.add_argument("--train-sequences", type=int, default=16)
     parser.add_argument("--eval-sequences", type=int, default=16)
     parser.add_argument("--train-steps", type=int, default=300)
@@ -218,6 +294,8 @@ def main(argv=None):
     parser.add_argument("--output", type=Path, default=None,
                         help="write OUTPUT.json, OUTPUT.md and OUTPUT.png")
     args = parser.parse_args(argv)
+    if "smollm2" in args.regimes and args.max_log2 > 12:
+        parser.error("regime smollm2: --max-log2 must be <= 12 (SmolLM2 has 8192 positions)")
 
     rows = run(args)
     columns = ["no_state", *[f"favor_r{r}" for r in args.favor_r], "taylor", "elu_trained",
@@ -232,7 +310,8 @@ def main(argv=None):
             f"# Approximation error vs prefix length\n\nCommand: `{meta['command']}`  \n"
             f"git {meta['git_commit']}, torch {meta['torch']}, {meta['machine']}\n\n"
             "Relative error ||approx - exact|| / ||exact|| of NTK-Attention against exact prefix "
-            "attention on held-out sequences. `no_state` = the prefix dropped.\n\n"
+            "attention on held-out sequences. `no_state` = the prefix dropped. Regime `smollm2`: "
+            "SmolLM2-135M's own keys/values, median over 9 heads (the JSON has each head).\n\n"
             f"{table}\n\n![plot]({args.output.name}.png)\n"
         )
         plot(rows, columns, args.output.with_suffix(".png"))

@@ -31,7 +31,7 @@ def _continuation(rows: int = 2, length: int = 6) -> torch.Tensor:
 
 
 def _exact(model, prompt, **changes):
-    config = CompressConfig(r=prompt.numel(), **{**SMALL, **changes})
+    config = CompressConfig(**{"r": prompt.numel(), **SMALL, **changes})
     return compress_prompt(model, None, prompt, config=config, steps=0, progress=False)
 
 
@@ -52,10 +52,15 @@ def test_prompt_copied_into_exp_state_equals_the_full_prompt_model(arch):
     assert (dropped - full).abs().max() > 1e-2
 
 
-def test_generate_with_cache_equals_the_full_prompt_model():
+# Two exact states: every prompt token a virtual token, or every KV head an exact head.
+EXACT_STATES = {"virtual tokens": {}, "exact heads": dict(r=1, exact_heads=4, memory_fraction=None)}
+
+
+@pytest.mark.parametrize("state", EXACT_STATES)
+def test_generate_with_cache_equals_the_full_prompt_model(state):
     model = LLAMA.build()
     prompt, cont = _prompt(), _continuation(rows=1)
-    ntk = _exact(model, prompt)
+    ntk = _exact(model, prompt, **EXACT_STATES[state])
     settings = dict(max_new_tokens=8, do_sample=False, output_scores=True,
                     return_dict_in_generate=True, pad_token_id=0)
     with torch.no_grad():
@@ -88,8 +93,10 @@ def test_end_to_end_distillation_lowers_the_kl():
 
 
 @pytest.mark.parametrize(
-    "changes", [dict(), dict(feature_map="elu", memory_fraction=None), dict(feature_map="elu", memory_fraction=0.2)],
-    ids=["exp", "elu-dense", "elu-low-rank"],
+    "changes",
+    [dict(), dict(feature_map="elu", memory_fraction=None), dict(feature_map="elu", memory_fraction=0.2),
+     dict(exact_heads=2, memory_fraction=0.75)],
+    ids=["exp", "elu-dense", "elu-low-rank", "exp-exact-heads"],
 )
 def test_written_adapter_loads_to_identical_outputs(tmp_path, changes):
     model = LLAMA.build()
@@ -101,6 +108,7 @@ def test_written_adapter_loads_to_identical_outputs(tmp_path, changes):
         generated = ntk.generate(input_ids=cont[:1], max_new_tokens=5, do_sample=False, pad_token_id=0)
     ntk.save_pretrained(tmp_path)
     loaded = NTKModel.from_pretrained(LLAMA.build(), tmp_path)
+    assert loaded.peft_config["default"] == ntk.peft_config["default"]
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=cont).logits, before, rtol=0, atol=0)
         again = loaded.generate(input_ids=cont[:1], max_new_tokens=5, do_sample=False, pad_token_id=0)
