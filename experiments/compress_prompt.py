@@ -12,7 +12,8 @@ m .. m + 63 and compared with the full-prompt model:
   top-1   share of positions whose most likely next token agrees with the full-prompt model
   closed  1 - KL / KL(no prompt): the share of the no-prompt gap the method closes
   layer   ||out - exact|| / ||exact|| of each attention layer's output on the continuation's
-          queries (the teacher's inputs), median / max over layers (real keys and values)
+          queries (the teacher's inputs), median / max over layers (real keys and values; an
+          exact head's query heads count as exact)
 
 Methods, at a memory budget f of the prompt's KV cache (2 x 30 x 3 x 64 x m numbers):
   sink+recent   StreamingLLM: the first 4 tokens and the most recent ones, f m tokens in all
@@ -47,6 +48,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -463,7 +465,7 @@ def main() -> None:
     import transformers
 
     document = {
-        "command": "python " + " ".join(sys.argv),
+        "command": shlex.join(["python", *sys.argv]),
         "git_commit": commit,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "python": platform.python_version()},
