@@ -5,7 +5,8 @@ NTK-Attention state (DESIGN.md section 7: closed form is an initialisation, not 
     convert_prefix(adapter_dir, base_model)      prefix.py
     CompressConfig                               config.py (state size, init, distillation)
 
-Inside: teacher.py (the prefix in the model's cache, sampled inputs, per-layer capture),
+Inside: teacher.py (the prefix in the model's cache, sampled inputs, per-layer capture, the
+retrieval scores that choose the heads keeping every prompt token exactly),
 select.py (which prompt tokens to keep: by attention mass, sink + recent, SnapKV), state.py
 (sizing to a memory budget, initialisation), distill.py (layer-wise and end-to-end).
 """

@@ -4,6 +4,7 @@ what every attention layer of the teacher sees and outputs for those inputs.
     prefix = prompt_prefix(model, ids)              # the prompt's KV cache, per layer
     ids = sample_continuations(model, prefix, ...)  # [N, L] tokens the model writes after it
     data = capture(model, prefix, ids)              # queries, keys, values, outputs per layer
+    scores = retrieval_scores(model, prefix, prompt_ids)  # [layers, Hkv]: heads that copy from it
 
 The teacher is the model reading the prefix's keys/values from its cache, so a prompt and a
 PEFT prefix (virtual keys/values in every layer's cache) are the same thing here. Real tokens
