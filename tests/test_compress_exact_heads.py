@@ -139,6 +139,14 @@ def test_bad_compress_settings_are_named(kwargs, match):
         CompressConfig(**kwargs)
 
 
+def test_exact_heads_larger_than_the_budget_are_named():
+    model = LLAMA.build()
+    config = CompressConfig(exact_heads=2, memory_fraction=0.25, **SMALL)  # 2 of 4 heads: half
+    with pytest.raises(CompressError, match=r"2 exact heads keep 768 numbers, the whole memory budget"):
+        compress_prompt(model, None, _prompt(), config=config, progress=False)
+    assert not any("ntk_" in name for name, _ in model.named_parameters())
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [

@@ -83,6 +83,14 @@ def ntk_config_for(
     def size(**changes) -> int:
         return adapter_numel(NTKConfig(feature_map=name, **{**base, "r": r, "rank": config.rank, **changes}), g, layers)
 
+    if budget is not None and exact_heads:
+        kept = len(exact_heads) * m * 2 * g.head_dim
+        if kept >= budget:
+            raise CompressError(
+                f"{len(exact_heads)} exact heads keep {kept:,} numbers, the whole memory budget "
+                f"({budget:,} = memory_fraction={config.memory_fraction}): lower exact_heads or "
+                "raise memory_fraction"
+            )
     if budget is not None and r is None and name in ("exp", "favor"):
         r = _largest(lambda value: size(r=value), budget, f"one {name} feature")
         if name == "exp" and r < sink:
