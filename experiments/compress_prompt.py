@@ -137,16 +137,33 @@ def token_state(model, prefix: PrefixKV, selection: torch.Tensor, eval_args, exa
         ntk.unload()
 
 
+@torch.no_grad()
+def references(model, prompt: torch.Tensor, continuation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token log-probs on ``continuation`` [1, n] of the model with the prompt [m] in front
+    (the teacher) and without it (at the same positions m .. m + n - 1)."""
+    m, n = prompt.numel(), continuation.shape[1]
+    full_ids = torch.cat([prompt[None], continuation], 1)
+    full = torch.log_softmax(model(input_ids=full_ids).logits[:, m:].float(), -1)
+    positions = torch.arange(m, m + n)[None]
+    none = torch.log_softmax(model(input_ids=continuation, position_ids=positions).logits.float(), -1)
+    return full, none
+
+
+def distillation_inputs(model, prefix: PrefixKV, first_logits, prompt: torch.Tensor, seed: int):
+    """compress_prompt's default inputs: 8 sampled continuations of 64 tokens (top-p 0.95) and
+    4 re-read windows of the prompt."""
+    generator = torch.Generator().manual_seed(seed)
+    sampled = sample_continuations(
+        model, prefix, first_logits, 8, 64, top_p=0.95, temperature=1.0,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    return torch.cat([sampled, reread_windows(prompt, 4, 64, generator)])
+
+
 def run_document(model, title, ids, m, args, log) -> dict:
     prompt = torch.tensor(ids[:m])
     continuation = torch.tensor(ids[m : m + EVAL_TOKENS])[None]
-    with torch.no_grad():
-        full_ids = torch.cat([prompt[None], continuation], 1)
-        full = torch.log_softmax(model(input_ids=full_ids).logits[:, m:].float(), -1)
-        positions = torch.arange(m, m + EVAL_TOKENS)[None]
-        none = torch.log_softmax(
-            model(input_ids=continuation, position_ids=positions).logits.float(), -1
-        )
+    full, none = references(model, prompt, continuation)
     started = time.perf_counter()
     prefix, first_logits, window_mass = prompt_prefix(model, prompt)
     prefill_seconds = time.perf_counter() - started
@@ -170,12 +187,7 @@ def run_document(model, title, ids, m, args, log) -> dict:
 
     # Distillation inputs, shared by the trained methods (their time is counted in each).
     mark = time.perf_counter()
-    generator = torch.Generator().manual_seed(args.seed)
-    sampled = sample_continuations(
-        model, prefix, first_logits, 8, 64, top_p=0.95, temperature=1.0,
-        generator=torch.Generator().manual_seed(args.seed),
-    )
-    inputs = torch.cat([sampled, reread_windows(prompt, 4, 64, generator)])
+    inputs = distillation_inputs(model, prefix, first_logits, prompt, args.seed)
     data = capture(model, prefix, inputs)
     retrieval = retrieval_scores(model, prefix, prompt)
     shared_seconds = prefill_seconds + time.perf_counter() - mark
