@@ -205,9 +205,11 @@ class NTKState(nn.Module):
         """The state with the exact heads' kept tokens joined as T more virtual tokens per KV
         head: key W = k, bias 0, Z = v, kappa = 1 in the exact heads; bias -inf (phi = 0) and
         kappa = 0 in the others, so they see nothing of them."""
-        heads = self.exact_heads[name]
         keys = self._modules["ntk_exact_keys"]._parameters[name]  # [n, T, D]
         values = self._modules["ntk_exact_values"]._parameters[name]
+        heads = self.exact_heads[name]
+        if heads.device != keys.device:  # the model was moved after the adapter was added
+            heads = self.exact_heads[name] = heads.to(keys.device)
         kv_heads, tokens, head_dim = z.shape[0], keys.shape[1], keys.shape[2]
         padded_keys = keys.new_zeros(kv_heads, tokens, head_dim).index_copy(0, heads, keys)
         padded_values = values.new_zeros(kv_heads, tokens, head_dim).index_copy(0, heads, values)
