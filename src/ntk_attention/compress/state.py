@@ -66,9 +66,7 @@ def ntk_config_for(
     g, layers, m = prefix.geometry, prefix.layers, prefix.length
     sink = config.resolved_sink
     base = {"position_offset": prefix.position_offset, "seed": seed}
-    if exact_heads:
-        if config.feature_map != "exp":
-            raise CompressError(f"exact heads need feature_map 'exp', got {config.feature_map!r}")
+    if exact_heads:  # NTKConfig checks they fit the feature map
         base.update(exact_heads=tuple(exact_heads), exact_tokens=m)
     if config.feature_map == "elu":
         name, r = ("elu+exp", g.head_dim + sink) if sink else ("elu", None)
@@ -83,7 +81,7 @@ def ntk_config_for(
     def size(**changes) -> int:
         return adapter_numel(NTKConfig(feature_map=name, **{**base, "r": r, "rank": config.rank, **changes}), g, layers)
 
-    if budget is not None and exact_heads:
+    if budget is not None and exact_heads and r is None:  # r is sized from what they leave
         kept = len(exact_heads) * m * 2 * g.head_dim
         if kept >= budget:
             raise CompressError(
