@@ -88,13 +88,17 @@ def test_convert_prefix_writes_an_adapter_that_loads(model_dir, tmp_path, capsys
     peft_model = get_peft_model(_load(model_dir), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5))
     peft_model.save_pretrained(tmp_path / "prefix")
     out = tmp_path / "ntk"
+    (tmp_path / "eval.txt").write_text("A held-out paragraph, long enough for one window. " * 2 + "\n\nshort")
     code = main(["convert-prefix", str(tmp_path / "prefix"), str(out), "--base-model", str(model_dir),
-                 "--r", "5", *FAST])
+                 "--r", "5", "--eval-text", str(tmp_path / "eval.txt"), *FAST])
     assert code == 0
     printed = capsys.readouterr().out
     assert "converted a 5-token PEFT prefix" in printed and "held-out agreement" in printed
+    assert "--eval-text perplexity" in printed
     record = json.loads((out / "conversion.json").read_text())
     assert record["conversion"]["held_out"]["top1"] == 1.0  # r = m with exp features: exact
+    perplexity = record["conversion"]["eval_text"]["perplexity"]
+    assert perplexity["ntk"] == pytest.approx(perplexity["peft_prefix"], rel=1e-4)
     ntk = NTKModel.from_pretrained(_load(model_dir), out)
     ids = torch.tensor([[5, 6, 7]])
     with torch.no_grad():

@@ -5,6 +5,7 @@ written adapter loads; adapters of another base model, or of another PEFT method
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -84,16 +85,37 @@ def test_a_smaller_state_is_distilled_reported_and_saved(prefix_dir, tmp_path):
         torch.testing.assert_close(loaded(input_ids=ids).logits, before, rtol=0, atol=0)
 
 
+class Chars:  # the smallest tokenizer: one id per character
+    bos_token_id = 1
+
+    def __call__(self, text):
+        return {"input_ids": [3 + ord(c) % 90 for c in text]}
+
+
 def test_text_inputs_are_cut_into_windows(prefix_dir):
-    class Chars:
-        bos_token_id = 1
-
-        def __call__(self, text):
-            return {"input_ids": [3 + ord(c) % 90 for c in text]}
-
     ntk = convert_prefix(prefix_dir, LLAMA.build(), tokenizer=Chars(), inputs=["x" * 20, "y" * 9],
                          config=CompressConfig(r=2, **SMALL), steps=2, progress=False)
     assert ntk.compression.layer_losses
+
+
+def test_eval_texts_give_the_perplexity_before_and_after(prefix_dir):
+    """Exact conversion (r = m): the same perplexity as the PEFT model, computed by hand here."""
+    peft_model = _peft_prefix()
+    texts = ["the quick brown fox jumps", "over the lazy dog, twice over"]
+    ntk = convert_prefix(prefix_dir, LLAMA.build(), tokenizer=Chars(), eval_texts=texts,
+                         config=CompressConfig(r=M, **SMALL), steps=0, progress=False)
+    evaluation = ntk.conversion["eval_text"]
+    windows = [[3 + ord(c) % 90 for c in text][i : i + 8] for text in texts
+               for i in range(0, len(text) - 7, 8)]
+    assert (evaluation["windows"], evaluation["tokens"]) == (len(windows), 8)
+    ids = torch.tensor(windows)
+    with torch.no_grad():
+        log_probs = torch.log_softmax(peft_model(input_ids=ids).logits[:, :-1], -1)
+    expected = math.exp(-log_probs.gather(-1, ids[:, 1:, None]).mean().item())
+    perplexity = evaluation["perplexity"]
+    assert perplexity["peft_prefix"] == pytest.approx(expected, rel=1e-4)
+    assert perplexity["ntk"] == pytest.approx(expected, rel=1e-4)
+    assert abs(perplexity["base"] - expected) > 1e-3 * expected  # the prefix matters
 
 
 def test_a_prefix_of_another_base_model_is_named(tmp_path):
@@ -134,3 +156,15 @@ def test_exact_heads_are_named_for_a_prefix_without_tokens(prefix_dir):
     with pytest.raises(CompressError, match=r"exact_heads=1 needs the prefix's tokens.*use exact_heads=0"):
         convert_prefix(prefix_dir, model, config=config, steps=0, progress=False)
     assert not any("ntk_" in name for name, _ in model.named_parameters())
+
+
+@pytest.mark.parametrize(
+    "eval_texts, tokenizer, match",
+    [(["short"], Chars(), r"no text of eval_texts is 8 tokens long"),
+     (["long enough text"], None, r"text eval_texts need a tokenizer"),
+     ("one string", Chars(), r"eval_texts must be a list of texts")],
+)
+def test_bad_eval_texts_are_named(prefix_dir, eval_texts, tokenizer, match):
+    with pytest.raises(CompressError, match=match):
+        convert_prefix(prefix_dir, LLAMA.build(), tokenizer=tokenizer, eval_texts=eval_texts,
+                       config=CompressConfig(r=M, **SMALL), steps=0, progress=False)

@@ -72,6 +72,9 @@ def add_convert_prefix(parser: argparse.ArgumentParser) -> None:
                         help="the adapter's base model: local directory or a name")
     parser.add_argument("--data", metavar="FILE", help="UTF-8 text to distil on (default: "
                         "continuations the prefixed model samples)")
+    parser.add_argument("--eval-text", metavar="FILE", help="UTF-8 held-out text (paragraphs "
+                        "split by blank lines): report the perplexity of the PEFT-prefixed and the "
+                        "converted model on it")
     parser.add_argument("--no-base-check", action="store_true",
                         help="accept a base model whose name differs from the adapter's record")
     _add_state_arguments(parser)
@@ -214,9 +217,13 @@ def run_convert_prefix(args: argparse.Namespace) -> int:
     if args.data:
         text = _read_text(args.data, "--data")
         inputs = [part for part in text.split("\n\n") if part.strip()]
+    eval_texts = None
+    if args.eval_text:
+        text = _read_text(args.eval_text, "--eval-text")
+        eval_texts = [part for part in text.split("\n\n") if part.strip()]
     ntk = convert_prefix(args.source, model, tokenizer=tokenizer, inputs=inputs, config=config,
-                         seed=args.seed, check_base_model=not args.no_base_check,
-                         progress=not args.no_progress)
+                         seed=args.seed, eval_texts=eval_texts,
+                         check_base_model=not args.no_base_check, progress=not args.no_progress)
     ntk.save_pretrained(args.output)
     conversion, report = ntk.conversion, ntk.compression
     _write_json(Path(args.output) / "conversion.json", _record(
@@ -231,6 +238,16 @@ def run_convert_prefix(args: argparse.Namespace) -> int:
         f"tokens): KL {held['kl']:.4f}, top-1 {held['top1']:.3f}\n"
         f"forward (batch 1, {speed['tokens']} tokens): PEFT prefix {speed['peft_prefix'] * 1e3:.1f}"
         f" ms, NTK {speed['ntk'] * 1e3:.1f} ms; {report.seconds['total']:.0f} s in all.\n"
-        f"adapter: {args.output}"
+        + _perplexity_line(conversion.get("eval_text"))
+        + f"adapter: {args.output}"
     )
     return 0
+
+
+def _perplexity_line(evaluation: dict[str, Any] | None) -> str:
+    if evaluation is None:
+        return ""
+    ppl = evaluation["perplexity"]
+    return (f"--eval-text perplexity ({evaluation['windows']} x {evaluation['tokens']} tokens): "
+            f"PEFT prefix {ppl['peft_prefix']:.2f}, NTK {ppl['ntk']:.2f} (base model alone "
+            f"{ppl['base']:.2f})\n")

@@ -8,7 +8,8 @@ the prefix (exact); smaller r or other feature maps are initialised (selection o
 and distilled on inputs the teacher samples after the prefix, or on the user's own texts.
 
     ntk = convert_prefix("runs/prefix/adapter", base_model, tokenizer=tokenizer)
-    ntk.conversion      # held-out agreement, memory and speed against the PEFT prefix
+    ntk.conversion      # held-out agreement, memory and speed against the PEFT prefix, and
+                        # with eval_texts=[...] the perplexity of both (the task metric of an LM)
     ntk.save_pretrained("ntk-adapter/")
 """
 
@@ -24,13 +25,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..train.metrics import perplexity
 from ..tuner import NTKModel
 from .config import CompressConfig, CompressError
 from .distill import kl_divergence
 from .prompt import check_model, check_positions, compress_prefix
 from .teacher import PrefixKV, attention_layers, capture, sample_continuations
 
-__all__ = ["agreement", "convert_prefix", "read_peft_prefix"]
+__all__ = ["agreement", "convert_prefix", "read_peft_prefix", "text_perplexity"]
 
 _PEFT_CONFIG = "adapter_config.json"
 _PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -136,9 +138,10 @@ def _from_peft_model(model: nn.Module) -> tuple[dict, torch.Tensor, str]:
 
 
 def _input_rows(
-    inputs: torch.Tensor | Sequence[str], tokenizer: Any, length: int
+    inputs: torch.Tensor | Sequence[str], tokenizer: Any, length: int, what: str = "inputs"
 ) -> torch.Tensor:
-    """Distillation inputs as [N, length] ids: a tensor as is, texts cut into windows."""
+    """Distillation (or evaluation) inputs as [N, length] ids: a tensor as is, texts cut into
+    windows. ``what`` names the argument in errors."""
     if isinstance(inputs, torch.Tensor):
         if inputs.dim() != 2 or inputs.is_floating_point() or inputs.shape[0] == 0:
             raise CompressError(
@@ -146,13 +149,13 @@ def _input_rows(
             )
         return inputs.long()
     if tokenizer is None:
-        raise CompressError("text inputs need a tokenizer")
+        raise CompressError(f"text {what} need a tokenizer")
     rows = []
     for text in inputs:
         ids = tokenizer(text)["input_ids"]
         rows += [ids[i : i + length] for i in range(0, len(ids) - length + 1, length)]
     if not rows:
-        raise CompressError(f"no input text is {length} tokens long (sample_length={length})")
+        raise CompressError(f"no text of {what} is {length} tokens long (sample_length={length})")
     return torch.tensor(rows, dtype=torch.long)
 
 
@@ -181,6 +184,7 @@ def convert_prefix(
     steps: int | None = None,
     seed: int = 0,
     held_out: int = 4,
+    eval_texts: Sequence[str] | None = None,
     check_base_model: bool = True,
     progress: bool = True,
 ) -> NTKModel:
@@ -192,7 +196,10 @@ def convert_prefix(
     the teacher samples after the prefix from BOS. ``held_out`` further samples (another seed)
     measure the agreement reported in ``ntk.conversion``: KL(PEFT || NTK) and top-1 agreement
     of the next-token distributions, the state's size against the prefix's KV cache, and the
-    forward time of both. Returns ``base_model`` wrapped as an NTKModel (as compress_prompt).
+    forward time of both. ``eval_texts`` (held-out texts, cut into windows of
+    ``config.sample_length`` tokens; needs ``tokenizer``) add the language-modelling metric
+    before and after: the perplexity of the PEFT-prefixed model, of the NTK model and of the
+    base model alone on them. Returns ``base_model`` wrapped as an NTKModel (as compress_prompt).
     """
     config = CompressConfig() if config is None else config
     if not isinstance(config, CompressConfig):
@@ -215,6 +222,11 @@ def convert_prefix(
     else:
         rows = _input_rows(inputs, tokenizer, config.sample_length)
     check_positions(base_model, prefix.length, rows.shape[1], "prefix")
+    eval_rows = None
+    if eval_texts is not None:
+        if isinstance(eval_texts, (str, torch.Tensor)):
+            raise CompressError("eval_texts must be a list of texts")
+        eval_rows = _input_rows(eval_texts, tokenizer, config.sample_length, "eval_texts")
     held = sample_continuations(
         base_model, prefix, None, held_out, rows.shape[1],
         generator=torch.Generator(device=device).manual_seed(seed + 1_000_003), **sample,
@@ -243,7 +255,31 @@ def convert_prefix(
         "forward_seconds": {"peft_prefix": teacher_seconds, "ntk": ntk_seconds,
                             "batch": 1, "tokens": held.shape[1]},
     }
+    if eval_rows is not None:
+        rows_on = eval_rows.to(device)
+        ntk_perplexity = text_perplexity(lambda ids: ntk(input_ids=ids).logits, rows_on)
+        with ntk.disable_adapter():  # the base model: alone, and with the PEFT prefix in its cache
+            base = text_perplexity(lambda ids: ntk(input_ids=ids).logits, rows_on)
+            peft_prefix = text_perplexity(lambda ids: base_model(
+                input_ids=ids, past_key_values=prefix.cache(ids.shape[0])).logits, rows_on)
+        ntk.conversion["eval_text"] = {
+            "windows": eval_rows.shape[0], "tokens": eval_rows.shape[1],
+            "perplexity": {"peft_prefix": peft_prefix, "ntk": ntk_perplexity, "base": base},
+        }
     return ntk
+
+
+@torch.no_grad()
+def text_perplexity(logits_of, rows: torch.Tensor, chunk: int = 4) -> float:
+    """exp(mean next-token NLL) over ``rows`` [N, L] of token ids, ``logits_of(ids)`` -> [n, L, V]:
+    every position but the first of a row is predicted from the ones before it."""
+    total, count = 0.0, 0
+    for start in range(0, rows.shape[0], chunk):
+        ids = rows[start : start + chunk]
+        log_probs = torch.log_softmax(logits_of(ids)[:, :-1].float(), -1)
+        total -= log_probs.gather(-1, ids[:, 1:, None]).sum().item()
+        count += ids[:, 1:].numel()
+    return perplexity(total, count)
 
 
 @torch.no_grad()
