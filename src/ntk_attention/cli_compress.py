@@ -149,6 +149,11 @@ def _read_text(path: str, flag: str) -> str:
         raise CompressError(f"cannot read {flag} {path}: {err}") from err
 
 
+def _read_paragraphs(path: str, flag: str) -> list[str]:
+    """The non-empty paragraphs (split by blank lines) of a UTF-8 text file."""
+    return [part for part in _read_text(path, flag).split("\n\n") if part.strip()]
+
+
 def _record(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
     import peft
     import torch
@@ -213,14 +218,8 @@ def run_convert_prefix(args: argparse.Namespace) -> int:
 
     config = _config(args)
     model, tokenizer, model_path = _load_model(args.base_model, args.device, "--base-model")
-    inputs = None
-    if args.data:
-        text = _read_text(args.data, "--data")
-        inputs = [part for part in text.split("\n\n") if part.strip()]
-    eval_texts = None
-    if args.eval_text:
-        text = _read_text(args.eval_text, "--eval-text")
-        eval_texts = [part for part in text.split("\n\n") if part.strip()]
+    inputs = _read_paragraphs(args.data, "--data") if args.data else None
+    eval_texts = _read_paragraphs(args.eval_text, "--eval-text") if args.eval_text else None
     ntk = convert_prefix(args.source, model, tokenizer=tokenizer, inputs=inputs, config=config,
                          seed=args.seed, eval_texts=eval_texts,
                          check_base_model=not args.no_base_check, progress=not args.no_progress)

@@ -122,6 +122,17 @@ def attention_layers(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], Geo
 
 
 # --------------------------------------------------------------------------- recording
+def _last_queries_probs(query: torch.Tensor, key: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention probabilities of the last queries over all keys, causal from the bottom right
+    (query i of the Lq sees keys j <= Lk - Lq + i), GQA heads expanded: query [B, Hq, Lq, D],
+    key [B, Hkv, Lk, D] -> [B, Hq, Lq, Lk] in float32."""
+    q_len, k_len = query.shape[2], key.shape[2]
+    k = key.float().repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+    logits = scale * query.float() @ k.transpose(-1, -2)
+    hidden = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).triu(k_len - q_len + 1)
+    return logits.masked_fill(hidden, -torch.inf).softmax(-1)
+
+
 class _Recorder:
     """Per-layer records of one forward call (``mass_queries``: how many of the last queries
     count towards the prefix-mass, None = all; ``mass_keys``: how many leading keys are the
@@ -138,7 +149,7 @@ class _Recorder:
         if layer is None:
             return
         # query [B, Hq, Lq, D], key/value [B, Hkv, Lk, D], output [B, Lq, Hq, D]
-        batch, q_heads, q_len, head_dim = query.shape
+        batch, _, q_len, head_dim = query.shape
         kv_heads, k_len = key.shape[1], key.shape[2]
         scale = scaling if scaling is not None else head_dim**-0.5
         record = {
@@ -149,12 +160,7 @@ class _Recorder:
         }
         if self.mass_keys:
             used = q_len if self.mass_queries is None else min(self.mass_queries, q_len)
-            q = query[:, :, q_len - used :].float()
-            k = key.float().repeat_interleave(q_heads // kv_heads, dim=1)
-            logits = scale * q @ k.transpose(-1, -2)  # [B, Hq, used, Lk]
-            # bottom-right causality: query i (of the last ``used``) sees keys j <= k_len - used + i
-            hidden = torch.ones(used, k_len, dtype=torch.bool, device=q.device).triu(k_len - used + 1)
-            probs = logits.masked_fill(hidden, -torch.inf).softmax(-1)[..., : self.mass_keys]
+            probs = _last_queries_probs(query[:, :, q_len - used :], key, scale)[..., : self.mass_keys]
             probs = probs.reshape(batch, kv_heads, -1, used, self.mass_keys)
             record["mass"] = probs.sum(dim=(0, 2, 3))  # [Hkv, m]
         self.records[layer] = record
@@ -349,14 +355,10 @@ def retrieval_scores(
         _check_recorded(recorder, len(layers))
         for layer in range(len(layers)):
             record = recorder.records[layer]
-            q = record["queries"][:, :, skip:].float()  # [B, Hq, J, D]
             keys = torch.cat(
                 [prefix.keys[layer].unsqueeze(0).expand(rows.shape[0], -1, -1, -1), record["keys"]], 2
-            ).float().repeat_interleave(groups, dim=1)  # [B, Hq, m + length, D]
-            logits = g.scale * q @ keys.transpose(-1, -2)
-            # window token j sits at key m + j and sees keys <= m + j
-            hidden = torch.arange(m + length, device=device)[None, :] > (m + positions)[:, None]
-            probs = logits.masked_fill(hidden, -torch.inf).softmax(-1)  # [B, Hq, J, m + L]
+            )  # [B, Hkv, m + length, D]; window token j sits at key m + j and sees keys <= m + j
+            probs = _last_queries_probs(record["queries"][:, :, skip:], keys, g.scale)  # [B, Hq, J, m + L]
             index = target[:, None, :, None].expand(-1, probs.shape[1], -1, 1)
             hit = probs.gather(-1, index)[..., 0]  # [B, Hq, J]
             total[layer] += hit.reshape(rows.shape[0], g.kv_heads, groups, -1).double().sum((0, 2, 3)).cpu()
