@@ -44,6 +44,10 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "ntk-taylor": ("ntk", {"feature_map": "taylor"}),
     "ntk-rank4": ("ntk", {"rank": 4}),
     "ntk-rank16": ("ntk", {"rank": 16}),
+    # The feature maps chosen between for decoders (issue 17): elu and 64 exp features
+    # (trained virtual tokens), whatever the kind's default is.
+    "ntk-elu": ("ntk", {"feature_map": "elu"}),
+    "ntk-exp64": ("ntk", {"feature_map": "exp", "r": 64}),
 }
 # The metric that picks the learning rate and leads the table, per task kind.
 LEAD_METRIC = {"accuracy": True, "perplexity": False, "exact_match": True}

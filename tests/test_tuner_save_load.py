@@ -47,7 +47,9 @@ def test_files_layout_and_config_record(saved):
     record = document["base_model"]
     assert record["architecture"] == "LlamaForCausalLM" and record["attention_layers"] == 2
     assert record["layers"] == {
-        "model.layers.1.self_attn": dict(layer_index=1, q_heads=4, kv_heads=2, head_dim=8, scale=8**-0.5)
+        "model.layers.1.self_attn": dict(
+                layer_index=1, q_heads=4, kv_heads=2, head_dim=8, scale=8**-0.5, causal=True
+            )
     }
     tensors = load_file(path / "adapter_model.safetensors")
     assert {k: tuple(v.shape) for k, v in tensors.items()} == {

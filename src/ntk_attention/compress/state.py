@@ -65,7 +65,9 @@ def ntk_config_for(
     tokens get what is left of the budget."""
     g, layers, m = prefix.geometry, prefix.layers, prefix.length
     sink = config.resolved_sink
-    base = {"position_offset": prefix.position_offset, "seed": seed}
+    # sink_tokens=0: the state stands for real tokens before the sequence, the sink among them
+    # (kept exactly), so every query must read it, the first one included.
+    base = {"position_offset": prefix.position_offset, "seed": seed, "sink_tokens": 0}
     if exact_heads:  # NTKConfig checks they fit the feature map
         base.update(exact_heads=tuple(exact_heads), exact_tokens=m)
     if config.feature_map == "elu":

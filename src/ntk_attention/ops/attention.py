@@ -13,6 +13,7 @@ from .feature_maps import FeatureMap
 from .fused import fused_attention
 from .lse import lse_attention, lse_inference, lse_inference_takes
 from .naive import naive_attention
+from .sink import check_sink_tokens, state_readers
 from .state import State, state_matrix, state_terms
 from .validation import check_mask, check_qkv, check_state, resolve_feature_map
 
@@ -43,6 +44,7 @@ def ntk_attention(
     state_log_scale: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     implementation: str = "auto",
+    sink_tokens: int = 0,
 ) -> torch.Tensor:
     """Attention over the real keys plus a constant-size state standing for a prefix.
 
@@ -61,6 +63,10 @@ def ntk_attention(
     visible to every query. ``scale`` defaults to 1/sqrt(D). z = 0, kappa = 0 is plain
     attention. A row with every key masked returns phi^T Z / phi^T kappa, or zeros when
     phi^T kappa = 0. ``implementation``: "auto" (= "lse"), "lse", "fused" or "naive".
+    ``sink_tokens``: queries at the first that many positions of the sequence (counted in the
+    keys they see, so left padding and decoding steps count right: see ``sink.py``) read only
+    the real keys and send no gradient to the state, which protects a causal model's
+    attention sink.
     """
     check_qkv(q, k, v)
     attn_mask = check_mask(attn_mask, q, k)
@@ -79,7 +85,7 @@ def ntk_attention(
     return ntk_attention_unchecked(
         q, k, v, z, kappa, feature_map=phi, attn_mask=attn_mask, is_causal=is_causal,
         scale=scale, state_log_scale=state_log_scale, dropout_p=dropout_p,
-        implementation=implementation,
+        implementation=implementation, sink_tokens=check_sink_tokens(sink_tokens),
     )
 
 
@@ -98,6 +104,7 @@ def ntk_attention_unchecked(
     dropout_p: float,
     implementation: str,
     matrix: torch.Tensor | None = None,
+    sink_tokens: int = 0,
 ) -> torch.Tensor:
     """:func:`ntk_attention` after its input checks, which it runs; for callers whose inputs
     are right by construction (the adapter: q, k, v come from the model and the state was
@@ -105,9 +112,20 @@ def ntk_attention_unchecked(
     per layer and token when decoding). ``feature_map`` is a FeatureMap, ``scale`` a float and
     ``implementation`` one of IMPLEMENTATIONS. ``matrix``: the state's [Z | kappa]
     (``state_matrix(z, kappa)``) for the no-grad lse path, from a caller that keeps it across
-    calls (the adapter, for a ``generate`` call); built here when needed and not given."""
+    calls (the adapter, for a ``generate`` call); built here when needed and not given.
+    ``sink_tokens`` an int >= 0."""
+    readers = None
+    if sink_tokens:
+        if attn_mask is None and k.shape[2] <= sink_tokens and _state_trains(z, kappa):
+            raise ValueError(
+                f"sink_tokens={sink_tokens} exempts every query of a call with {k.shape[2]} "
+                "keys, so the state would get no gradient: train on longer sequences or "
+                "lower sink_tokens"
+            )
+        # Causality needs no folding in: a position counts the keys up to the query's own.
+        readers = state_readers(attn_mask, q.shape[2], k.shape[2], sink_tokens, q.device)
     if (
-        implementation == "lse" and attn_mask is None
+        readers is None and implementation == "lse" and attn_mask is None
         and lse_inference_takes(q, k, v, is_causal, dropout_p)
     ):
         return lse_inference(
@@ -115,10 +133,16 @@ def ntk_attention_unchecked(
             is_causal=is_causal, scale=scale, state_log_scale=state_log_scale,
             dropout_p=dropout_p,
         )
-    terms = state_terms(q, z, kappa, feature_map, state_log_scale)
+    terms = state_terms(q, z, kappa, feature_map, state_log_scale, readers)
     return IMPLEMENTATIONS[implementation](
         q, k, v, terms, attn_mask=attn_mask, is_causal=is_causal, scale=scale, dropout_p=dropout_p
     )
+
+
+def _state_trains(z: State, kappa: torch.Tensor) -> bool:
+    """Whether this call would send the state a gradient."""
+    parts = z if isinstance(z, tuple) else (z,)
+    return torch.is_grad_enabled() and any(t.requires_grad for t in (*parts, kappa))
 
 
 def ntk_attention_fused(*args, **kwargs) -> torch.Tensor:

@@ -63,17 +63,26 @@ def state_terms(
     kappa: torch.Tensor,
     feature_map: FeatureMap,
     state_log_scale: torch.Tensor | None = None,
+    readers: torch.Tensor | None = None,
 ) -> StateTerms:
     """Evaluate phi(q)^T kappa and phi(q)^T Z (Z dense or Z = Z_A Z_B) for q [B, Hq, Lq, D].
 
     Query heads are grouped by KV head (head h uses KV head h // G, G = Hq / Hkv, the
     convention of ``repeat_kv`` in transformers), so the feature map sees [B, Hkv, G*Lq, D].
-    kappa is [Hkv, r] or per row [B, Hkv, r]; Z likewise with a trailing D.
+    kappa is [Hkv, r] or per row [B, Hkv, r]; Z likewise with a trailing D. ``readers``
+    (bool, broadcastable to [B, Hq, Lq]; see ``sink.state_readers``) zeroes phi(q) of the
+    queries that do not read the state: a = b = 0 there, so every path returns the base
+    attention for them and the state gets no gradient from them.
     """
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads = kappa.shape[-2]
-    grouped = q.reshape(batch, kv_heads, (q_heads // kv_heads) * q_len, head_dim)
-    offset, mass, numer = grouped_state_terms(grouped, z, kappa, feature_map, state_log_scale)
+    rows = (q_heads // kv_heads) * q_len
+    grouped = q.reshape(batch, kv_heads, rows, head_dim)
+    if readers is not None:
+        readers = readers.expand(batch, q_heads, q_len).reshape(batch, kv_heads, rows, 1)
+    offset, mass, numer = grouped_state_terms(
+        grouped, z, kappa, feature_map, state_log_scale, readers
+    )
     offset = torch.zeros_like(mass) if offset is None else offset.expand(mass.shape)
     return StateTerms(  # [B, Hkv, N, 1] -> [B, Hq, Lq]
         log_offset=offset.reshape(batch, q_heads, q_len),
@@ -88,14 +97,17 @@ def grouped_state_terms(
     kappa: torch.Tensor,
     feature_map: FeatureMap,
     state_log_scale: torch.Tensor | None = None,
+    readers: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """:func:`state_terms` for queries already grouped by KV head, [B, Hkv, N, D]: returns
     (log_offset, mass, numer) shaped [B, Hkv, N, 1], [B, Hkv, N, 1], [B, Hkv, N, Dv] in
     float32 (float64 for float64 queries); the trailing 1 broadcasts against numer. log_offset
     is None where it is 0 (maps with the default ``log_forward`` and no state_log_scale), else
-    broadcastable to [B, Hkv, N, 1]."""
+    broadcastable to [B, Hkv, N, 1]. ``readers`` [B, Hkv, N, 1] bool: phi = 0 where False."""
     compute_dtype = torch.promote_types(grouped.dtype, torch.float32)
     features, offset = state_features(grouped, feature_map, kappa.shape[-1], compute_dtype)
+    if readers is not None:
+        features = features * readers.to(compute_dtype)
     # Matmuls against [Hkv, r, .] or per row [B, Hkv, r, .] broadcast over features
     # [B, Hkv, N, r]. (Not one matmul against [Z | kappa]: its cat copies the whole state on
     # every call; decoding, where the state is fixed, uses state_matrix instead.)

@@ -136,6 +136,7 @@ def _run(
             dropout_p=dropout,
             implementation=implementation,
             matrix=op_state.matrix,  # kept for a generate call, else None
+            sink_tokens=op_state.sink_tokens,
         )  # [b, Hq, Lq, D]
     return out.transpose(1, 2)
 

@@ -61,6 +61,15 @@ class NTKConfig:
                        [n, exact_tokens, D] in the layers that have such heads), e.g. the
                        retrieval heads of a compressed prompt. "exp" features only.
       exact_tokens     how many tokens each exact head keeps (required with ``exact_heads``).
+      sink_tokens      "auto" or an int >= 0: queries at the first that many positions of the
+                       sequence (the first real tokens, whatever the padding; a decoding step
+                       or a later prefill chunk exempts nothing) read only the real keys and
+                       send no gradient to the state. This keeps a decoder's attention sink
+                       (its first token, which sees only itself) from being taken over by the
+                       state on the first optimizer step. "auto": 1 in causal self-attention
+                       layers (decoders), 0 elsewhere (encoders, ViTs). A state that stands
+                       for real tokens before the sequence (a compressed prompt, a converted
+                       prefix) uses 0: it holds the sink itself.
     """
 
     feature_map: str = "elu"
@@ -76,6 +85,7 @@ class NTKConfig:
     implementation: str = "auto"
     exact_heads: tuple[tuple[int, int], ...] | None = None
     exact_tokens: int | None = None
+    sink_tokens: int | str = "auto"
 
     def __post_init__(self) -> None:
         # Lists are accepted and frozen into tuples, so the config stays hashable and immutable.
@@ -136,7 +146,18 @@ class NTKConfig:
             raise ValueError(
                 f"implementation must be one of {IMPLEMENTATIONS}, got {self.implementation!r}"
             )
+        if self.sink_tokens != "auto" and (
+            isinstance(self.sink_tokens, bool) or not isinstance(self.sink_tokens, int)
+            or self.sink_tokens < 0
+        ):
+            raise ValueError(f"sink_tokens must be 'auto' or an int >= 0, got {self.sink_tokens!r}")
         self._validate_exact_heads()
+
+    def resolve_sink_tokens(self, causal: bool) -> int:
+        """sink_tokens for a layer: "auto" is 1 for causal self-attention, else 0."""
+        if self.sink_tokens == "auto":
+            return 1 if causal else 0
+        return self.sink_tokens
 
     def _validate_exact_heads(self) -> None:
         if self.exact_heads is None:

@@ -114,7 +114,8 @@ def geometry_of(module: nn.Module, layer_index: int) -> Geometry:
     scale = getattr(module, "scaling", None)
     if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
         scale = head_dim**-0.5
-    return Geometry(layer_index, q_heads, kv_heads, head_dim, float(scale))
+    causal = getattr(module, "is_causal", False) is True
+    return Geometry(layer_index, q_heads, kv_heads, head_dim, float(scale), causal)
 
 
 # Learned absolute position embeddings, by the attribute name models give them.

@@ -50,6 +50,7 @@ class Geometry:
     kv_heads: int
     head_dim: int
     scale: float  # the layer's softmax scale s (logits are s q.k)
+    causal: bool = False  # a decoder's causal self-attention (sink_tokens="auto" -> 1)
 
     def to_dict(self) -> dict[str, int | float]:
         return dataclasses.asdict(self)
@@ -66,6 +67,7 @@ class OpState:
     implementation: str  # "auto", "fused" or "naive" (the adapter's choice)
     # [Z | kappa] for the no-grad lse path (ops.state_matrix), kept while decoding; else None.
     matrix: torch.Tensor | None = None
+    sink_tokens: int = 0  # the first positions that read only the real keys (ops/sink.py)
 
 
 @dataclasses.dataclass
@@ -194,9 +196,10 @@ class NTKState(nn.Module):
         feature_map = modules["ntk_feature_map"]._modules[name]
         if name in self.exact_heads:
             feature_map, z, kappa = self._with_exact_tokens(name, feature_map, z, kappa)
+        config = self.configs[name]
         return OpState(
             z, kappa, modules["ntk_log_scale"]._parameters.get(name), feature_map,
-            self.configs[name].implementation,
+            config.implementation, sink_tokens=config.resolve_sink_tokens(self.geometry.causal),
         )
 
     def _with_exact_tokens(
@@ -275,8 +278,12 @@ class NTKState(nn.Module):
                 torch.equal(a, b) for a, b in zip(first_buffers, other_buffers, strict=False)
             ):
                 return False
-        implementations = {self.configs[n].implementation for n in names}
-        return len(implementations) == 1
+        causal = self.geometry.causal
+        options = {
+            (self.configs[n].implementation, self.configs[n].resolve_sink_tokens(causal))
+            for n in names
+        }
+        return len(options) == 1
 
     def _stacked(self, names: list[str], index: torch.Tensor) -> OpState:
         """Per-row states [B, Hkv, ...] gathered from the adapters' states plus a zero state."""
@@ -291,7 +298,7 @@ class NTKState(nn.Module):
             log_scale = torch.stack(scales + [zero])[index]  # [B, Hkv]
         return OpState(
             z_bank[index], kappa_bank[index], log_scale, states[0].feature_map,
-            states[0].implementation,
+            states[0].implementation, sink_tokens=states[0].sink_tokens,
         )
 
 

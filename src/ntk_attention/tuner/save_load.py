@@ -76,9 +76,20 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
         raise
 
 
+# NTKConfig fields added after format 1 -> what a file without them means (sink_tokens: every
+# query read the state before the field existed).
+_LEGACY_DEFAULTS = {"sink_tokens": 0}
+
+
 def config_digest(config: NTKConfig) -> str:
-    """SHA-256 of the config's canonical JSON (ties the weights file to its config)."""
-    text = json.dumps(config.to_dict(), sort_keys=True, separators=(",", ":"))
+    """SHA-256 of the config's canonical JSON (ties the weights file to its config). Fields
+    added since format 1 are left out at the value an older file means by their absence, so
+    adapters saved before them still load."""
+    fields = config.to_dict()
+    for name, legacy in _LEGACY_DEFAULTS.items():
+        if fields.get(name) == legacy:
+            del fields[name]
+    text = json.dumps(fields, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -129,6 +140,8 @@ def read_adapter_config(directory: str | os.PathLike) -> tuple[NTKConfig, dict[s
             f"ntk-attention reads format_version {FORMAT_VERSION}"
         )
     fields = {key: value for key, value in document.items() if key not in _METADATA_KEYS}
+    for name, legacy in _LEGACY_DEFAULTS.items():
+        fields.setdefault(name, legacy)
     try:
         config = NTKConfig.from_dict(fields)
     except (TypeError, ValueError) as err:

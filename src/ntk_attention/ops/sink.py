@@ -1,0 +1,63 @@
+"""The attention-sink exemption: which queries read the state.
+
+A causal model's first token attends only to itself, and in some heads its one logit is very
+low (about -11 in SmolLM2-135M), so its real attention mass is ~1e-5: any state mass above
+~1e-4 takes that row over, and every later token reads the first token (the attention sink).
+A state that starts at zero gets, after one Adam step, a mass ~lr for *every* query and a value
+b / a of norm O(1) whatever the lr, so the first step wrecks the sink (docs/results/REPORT.md, section 4). Queries at the first ``sink_tokens`` positions of the sequence therefore read
+only the real keys (the base attention) and send no gradient to the state.
+
+The position of query i is read off what it can see, so that left padding, chunked prefill and
+decoding need no position ids: with keys aligned bottom-right (query i sits at key index
+p_i = Lk - Lq + i),
+
+    position(i) = #{ j <= p_i : key j visible to query i } - 1
+
+i.e. the number of real tokens before it. Without a mask every key up to p_i counts, so
+position(i) = p_i. With left padding the first real token has position 0; a decoding step or
+a later prefill chunk sees the earlier tokens, so it exempts nothing. A query is exempt iff
+position(i) < sink_tokens, i.e. it sees at most ``sink_tokens`` keys up to its own.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["check_sink_tokens", "state_readers"]
+
+
+def check_sink_tokens(sink_tokens: object) -> int:
+    """``sink_tokens`` as an int >= 0, else a ValueError naming it."""
+    if isinstance(sink_tokens, bool) or not isinstance(sink_tokens, int) or sink_tokens < 0:
+        raise ValueError(f"sink_tokens must be an int >= 0, got {sink_tokens!r}")
+    return sink_tokens
+
+
+def state_readers(
+    attn_mask: torch.Tensor | None,
+    q_len: int,
+    k_len: int,
+    sink_tokens: int,
+    device: torch.device,
+) -> torch.Tensor | None:
+    """Which queries read the state: bool [.., Lq] (True = reads it), broadcastable against
+    [B, Hq, Lq]; None when every query does (``sink_tokens`` = 0, or no mask and the first
+    query already sits at key index >= ``sink_tokens``). ``attn_mask``: bool (True = attend) or
+    additive float [.., Lq, Lk], causality already folded in where the call is causal (a
+    causal call without a mask counts the same as no mask: query i sees keys j <= p_i)."""
+    if sink_tokens == 0:
+        return None
+    first_position = k_len - q_len  # p_0
+    if attn_mask is None:
+        if first_position >= sink_tokens:
+            return None
+        positions = torch.arange(first_position, k_len, device=device)
+        return positions >= sink_tokens  # [Lq]
+    if attn_mask.dtype == torch.bool:
+        visible = attn_mask
+    else:  # additive: masked keys are -inf or the dtype's most negative value
+        visible = attn_mask > torch.finfo(attn_mask.dtype).min / 2
+    rows = torch.arange(q_len, device=device).unsqueeze(-1)
+    up_to_own = torch.arange(k_len, device=device) <= rows + first_position  # [Lq, Lk]
+    seen = (visible & up_to_own).sum(-1)  # [.., Lq]
+    return seen > sink_tokens
