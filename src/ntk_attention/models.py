@@ -101,6 +101,8 @@ def _cached(
     try:
         build(tmp)
         (tmp / "source.json").write_text(json.dumps(stamp, indent=2) + "\n")
+        if _stamp_matches(target, stamp):  # a concurrent builder finished first: use its copy
+            return target
         if target.exists():  # stale: move it aside first (rename cannot replace a full folder)
             stale = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             target.rename(stale / "model")
