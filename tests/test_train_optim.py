@@ -17,10 +17,36 @@ def _config(**overrides) -> TrainConfig:
 
 def test_head_lr_defaults_to_lr_and_is_capped_for_image_tasks():
     text, image = KINDS["classification"], KINDS["image-classification"]
-    assert _config(lr=0.1).head_learning_rate(text) == 0.1
-    assert _config(lr=0.1).head_learning_rate(image) == image.head_lr_cap == 1e-3
-    assert _config(lr=1e-4).head_learning_rate(image) == 1e-4  # a cap, not a floor
-    assert _config(lr=0.1, head_lr=0.05).head_learning_rate(image) == 0.05  # explicit wins
+    args_text, args_image = (text, "classification"), (image, "image-classification")
+    assert _config(lr=0.1).head_learning_rate(*args_text) == 0.1
+    assert _config(lr=0.1).head_learning_rate(*args_image) == image.head_lr_cap == 1e-3
+    assert _config(lr=1e-4).head_learning_rate(*args_image) == 1e-4  # a cap, not a floor
+    assert _config(lr=0.1, head_lr=0.05).head_learning_rate(*args_image) == 0.05  # explicit wins
+
+
+def test_ntk_defaults_follow_the_task_kind():
+    """Without --lr / --feature-map NTK-Attention takes its kind's NTK_DEFAULTS; other methods
+    keep one default lr; an explicit value always wins."""
+    from ntk_attention.train.methods import METHODS, NTK_DEFAULTS
+
+    for kind, defaults in NTK_DEFAULTS.items():
+        assert _config().learning_rate(kind) == defaults.lr
+        assert _config(lr=0.5).learning_rate(kind) == 0.5
+    lora = TrainConfig(task="wiki-lm", method="lora")
+    assert lora.learning_rate("causal-lm") == METHODS["lora"].default_lr
+    spec = ARCHITECTURES["llama"]
+    ntk = build_method("ntk", spec.build(), "causal-lm", MethodOptions())
+    config = ntk.peft_config["default"]
+    expected = NTK_DEFAULTS["causal-lm"]
+    assert (config.feature_map, config.r, config.sink_tokens) == (expected.feature_map, expected.r, "auto")
+    explicit = build_method("ntk", spec.build(), "causal-lm", MethodOptions(feature_map="favor", r=16))
+    assert (explicit.peft_config["default"].feature_map, explicit.peft_config["default"].r) == ("favor", 16)
+
+
+@pytest.mark.parametrize("value", [-1, "all", True])
+def test_bad_sink_tokens_are_refused_naming_the_flag(value):
+    with pytest.raises(RunError, match="--sink-tokens must be 'auto' or an int >= 0"):
+        _config(sink_tokens=value)
 
 
 @pytest.mark.parametrize("value", [0.0, -1e-3, float("nan"), float("inf")])

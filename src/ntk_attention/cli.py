@@ -92,14 +92,20 @@ def _add_train_arguments(parser: argparse.ArgumentParser, *, defaults: dict | No
     method.add_argument("--r", type=int, help="ntk: feature dimension (default: the map's own)")
     method.add_argument("--rank", type=int, help="ntk: low-rank Z (default: dense)")
     method.add_argument("--feature-map", default=base["feature_map"],
-                        help="ntk: elu, favor, taylor or exp (default: %(default)s)")
+                        help="ntk: elu, favor, taylor or exp (default: the task kind's, "
+                        "train.methods.NTK_DEFAULTS; the run prints it)")
+    method.add_argument("--sink-tokens", type=_sink_tokens, default=base["sink_tokens"],
+                        metavar="N", help="ntk: the first N positions of a sequence read only "
+                        "the real keys, protecting a decoder's attention sink (default: "
+                        "%(default)s = 1 for decoders, 0 for encoders and ViTs)")
     method.add_argument("--prefix-length", type=int, default=base["prefix_length"], metavar="M",
                         help="prefix/prompt: virtual tokens (default: %(default)s)")
     method.add_argument("--lora-r", type=int, default=base["lora_r"],
                         help="lora: rank (default: %(default)s)")
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--lr", type=float, help="learning rate (default: the method's: ntk 1e-1,"
-                       " lora 1e-2, prefix 1e-1, prompt 3e-2, full 5e-5)")
+    optim.add_argument("--lr", type=float, help="learning rate (default: the method's: ntk per "
+                       "task kind (train.methods.NTK_DEFAULTS), lora 1e-2, prefix 1e-1, "
+                       "prompt 3e-2, full 5e-5; the run prints it)")
     optim.add_argument("--head-lr", type=float, default=base["head_lr"],
                        help="learning rate of the task head (classifier) trained beside the "
                        "adapter (default: --lr; for image tasks at most 1e-3)")
@@ -124,6 +130,19 @@ def _add_train_arguments(parser: argparse.ArgumentParser, *, defaults: dict | No
                      "the layer (slower: checks every module output)")
     # Stops a run after N steps as a crash would (no final files): for crash/resume tests.
     run.add_argument("--stop-after-steps", type=int, help=argparse.SUPPRESS)
+
+
+def _sink_tokens(text: str) -> int | str:
+    """--sink-tokens: "auto" or an int >= 0 (else a usage error naming the flag)."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or an int >= 0, got {text!r}")
+    return value
 
 
 def _config_from(args: argparse.Namespace, **fixed):

@@ -96,7 +96,11 @@ class TrainConfig:
     method        one of ``methods.METHODS``
     model         a local Hugging Face model directory (None: the task's default model)
     data          a CSV/JSONL file replacing the task's data (split into train/validation/test)
-    lr            None: the method's default learning rate
+    lr            None: the method's default learning rate for the task's kind (NTK-Attention:
+                  ``methods.NTK_DEFAULTS``)
+    feature_map, r   NTK-Attention's state; feature_map None: the kind's ``NTK_DEFAULTS``
+    sink_tokens   NTK-Attention: "auto" (1 for decoders, 0 for encoders) or an int: the first
+                  positions of a sequence that read only the real keys (``NTKConfig``)
     head_lr       learning rate of the task head trained beside an adapter (classifier /
                   score); None: ``lr``, capped for image tasks at ``Kind.head_lr_cap``
     max_steps     stop after this many optimizer steps (None: ``epochs`` full epochs)
@@ -116,7 +120,8 @@ class TrainConfig:
     output: str = "runs/finetune"
     r: int | None = None
     rank: int | None = None
-    feature_map: str = "elu"
+    feature_map: str | None = None
+    sink_tokens: int | str = "auto"
     prefix_length: int = 16
     lora_r: int = 8
     lr: float | None = None
@@ -159,6 +164,11 @@ class TrainConfig:
             ):
                 flag = "--" + name.replace("_", "-")
                 raise RunError(f"{flag} must be a positive number, got {value!r}")
+        if self.sink_tokens != "auto" and (
+            isinstance(self.sink_tokens, bool) or not isinstance(self.sink_tokens, int)
+            or self.sink_tokens < 0
+        ):
+            raise RunError(f"--sink-tokens must be 'auto' or an int >= 0, got {self.sink_tokens!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise RunError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio!r}")
         if self.weight_decay < 0 or self.max_grad_norm <= 0:
@@ -167,28 +177,28 @@ class TrainConfig:
                 f"and {self.max_grad_norm!r}"
             )
 
-    @property
-    def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else METHODS[self.method].default_lr
+    def learning_rate(self, kind: str) -> float:
+        """``lr``, or the method's default for a task of ``kind``."""
+        return self.lr if self.lr is not None else METHODS[self.method].lr_for(kind)
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:
         """Every setting's default, by field name."""
         return {f.name: f.default for f in dataclasses.fields(cls)}
 
-    def head_learning_rate(self, kind: Kind) -> float:
-        """``head_lr``, or ``learning_rate`` capped at the kind's ``head_lr_cap``."""
+    def head_learning_rate(self, kind: Kind, kind_name: str) -> float:
+        """``head_lr``, or ``learning_rate(kind_name)`` capped at the kind's ``head_lr_cap``."""
         if self.head_lr is not None:
             return self.head_lr
-        cap = kind.head_lr_cap
-        return self.learning_rate if cap is None else min(self.learning_rate, cap)
+        cap, lr = kind.head_lr_cap, self.learning_rate(kind_name)
+        return lr if cap is None else min(lr, cap)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def method_options(self) -> MethodOptions:
         return MethodOptions(
-            r=self.r, rank=self.rank, feature_map=self.feature_map,
+            r=self.r, rank=self.rank, feature_map=self.feature_map, sink_tokens=self.sink_tokens,
             prefix_length=self.prefix_length, lora_r=self.lora_r, max_length=self.max_length,
             seed=self.seed,
         )
@@ -796,8 +806,9 @@ def train(
     total_steps = config.max_steps or config.epochs * steps_per_epoch
     num_epochs = math.ceil(total_steps / steps_per_epoch)
     warmup = int(config.warmup_ratio * total_steps)
-    head_lr = config.head_learning_rate(KINDS[run.task.kind])
-    groups = parameter_groups(model, config.learning_rate, head_lr)
+    lr = config.learning_rate(run.task.kind)
+    head_lr = config.head_learning_rate(KINDS[run.task.kind], run.task.kind)
+    groups = parameter_groups(model, lr, head_lr)
     trainable = [p for group in groups for p in group["params"]]
     optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(warmup, total_steps))
@@ -816,8 +827,8 @@ def train(
         f"{config.method} on {run.task.name} ({run.task.kind}): {len(train_rows)} train / "
         f"{len(run.splits['validation'])} validation / {len(run.splits['test'])} test rows, "
         f"{n_trainable:,} trainable of {n_total:,} parameters, {total_steps} steps, "
-        f"lr {config.learning_rate:g}"
-        + (f" (head {head_lr:g})" if head_lr != config.learning_rate else "")
+        f"lr {lr:g}"
+        + (f" (head {head_lr:g})" if head_lr != lr else "")
         + f", batch {config.batch_size}, model {run.model_path}"
     )
 
@@ -906,7 +917,7 @@ def train(
         "steps": step,
         "epochs": num_epochs,
         "examples": {split: len(rows) for split, rows in run.splits.items()},
-        "learning_rate": config.learning_rate,
+        "learning_rate": config.learning_rate(run.task.kind),
         "step_time_s": {
             "mean": statistics.fmean(timed) if timed else None,
             "median": statistics.median(timed) if timed else None,

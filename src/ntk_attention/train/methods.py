@@ -32,9 +32,11 @@ from torch import nn
 __all__ = [
     "HEAD_NAMES",
     "METHODS",
+    "NTK_DEFAULTS",
     "Method",
     "MethodError",
     "MethodOptions",
+    "NTKDefaults",
     "build_method",
     "count_parameters",
     "head_names",
@@ -74,8 +76,11 @@ class MethodError(ValueError):
 class MethodOptions:
     """The knobs of all methods (each method reads its own).
 
-    r, rank, feature_map  NTK-Attention: feature dimension (None: the map's natural size,
-                          the head dim for "elu"), low-rank Z (None: dense), feature map
+    r, rank, feature_map  NTK-Attention: feature dimension, low-rank Z (None: dense), feature
+                          map; feature_map None: the task kind's ``NTK_DEFAULTS`` (map and r),
+                          r None with a given map: the map's natural size (head dim for "elu")
+    sink_tokens           NTK-Attention: the first positions that read only the real keys
+                          ("auto": 1 for decoders, 0 for encoders; NTKConfig.sink_tokens)
     prefix_length         prefix and prompt tuning: number of virtual tokens m
     lora_r, lora_alpha    LoRA rank and scaling numerator (None: 2 * lora_r)
     max_length            the longest input the run will feed (for position-table checks)
@@ -84,7 +89,8 @@ class MethodOptions:
 
     r: int | None = None
     rank: int | None = None
-    feature_map: str = "elu"
+    feature_map: str | None = None
+    sink_tokens: int | str = "auto"
     prefix_length: int = 16
     lora_r: int = 8
     lora_alpha: int | None = None
@@ -99,14 +105,40 @@ class MethodOptions:
 
 
 @dataclasses.dataclass(frozen=True)
+class NTKDefaults:
+    """NTK-Attention's settings for one task kind when the user gives none."""
+
+    feature_map: str
+    r: int | None  # None: the map's natural size
+    lr: float
+
+
+# Chosen per kind from the grids in docs/results/REPORT.md section 4 ("Defaults per kind"):
+# encoders and ViTs (every query sees 128-257 keys) train the paper's elu state at lr 1e-1;
+# decoders, with the first position exempt (sink_tokens "auto"), train it best at 1e-2.
+NTK_DEFAULTS: dict[str, NTKDefaults] = {
+    "classification": NTKDefaults("elu", None, 1e-1),
+    "image-classification": NTKDefaults("elu", None, 1e-1),
+    "causal-lm": NTKDefaults("elu", None, 1e-2),
+    "generation": NTKDefaults("elu", None, 1e-2),
+}
+
+
+@dataclasses.dataclass(frozen=True)
 class Method:
     """One fine-tuning method: its name, a line of help, the learning rate it trains well with
-    by default, and ``build(model, kind, options) -> model to train``."""
+    by default (``kind_lr``: per task kind where that differs), and
+    ``build(model, kind, options) -> model to train``."""
 
     name: str
     description: str
     default_lr: float
     build: Callable[[nn.Module, str, MethodOptions], nn.Module]
+    kind_lr: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def lr_for(self, kind: str) -> float:
+        """The default learning rate for a task of ``kind``."""
+        return self.kind_lr.get(kind, self.default_lr)
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -223,12 +255,17 @@ def _require_text_model(model: nn.Module, method: str, kind: str) -> None:
 def _build_ntk(model: nn.Module, kind: str, options: MethodOptions) -> nn.Module:
     from ..tuner import NTKConfig, get_ntk_model
 
+    feature_map, r = options.feature_map, options.r
+    if feature_map is None:
+        defaults = NTK_DEFAULTS[kind]
+        feature_map, r = defaults.feature_map, defaults.r if r is None else r
     config = NTKConfig(
-        feature_map=options.feature_map,
-        r=options.r,
+        feature_map=feature_map,
+        r=r,
         rank=options.rank,
         modules_to_save=head_names(model, kind) or None,
         seed=options.seed,
+        sink_tokens=options.sink_tokens,
     )
     return get_ntk_model(model, config)
 
@@ -283,7 +320,10 @@ def _build_full(model: nn.Module, kind: str, options: MethodOptions) -> nn.Modul
 METHODS: dict[str, Method] = {
     method.name: method
     for method in (
-        Method("ntk", "NTK-Attention state (Z, kappa) per layer and KV head", 1e-1, _build_ntk),
+        Method(
+            "ntk", "NTK-Attention state (Z, kappa) per layer and KV head", 1e-1, _build_ntk,
+            {kind: defaults.lr for kind, defaults in NTK_DEFAULTS.items()},
+        ),
         Method("lora", "LoRA (PEFT) on the query and value projections", 1e-2, _build_lora),
         Method("prefix", "prefix tuning, P-Tuning v2 deep prefix (PEFT)", 1e-1, _build_prefix),
         Method("prompt", "prompt tuning, trainable input embeddings (PEFT)", 3e-2, _build_prompt),
