@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ntk_attention import NTKConfig, NTKModel, get_ntk_model
-from ntk_attention.ops import ntk_attention, nonnegative
+from ntk_attention.ops import nonnegative, ntk_attention
 from ntk_attention.ops.sink import state_readers
 from ntk_attention.testing_models import ARCHITECTURES, randomize_adapter
 
