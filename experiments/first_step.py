@@ -15,6 +15,11 @@ The script takes one AdamW step (the fine-tuning CLI's first step: its warmup st
 here the lr is used as given) on a batch of 16 training passages and reports the mean
 negative log-likelihood per position on 16 held-out passages before and after it.
 
+Methods: ``ntk`` is NTK-Attention with the library's defaults for causal LMs (the first
+position exempt from the state: ``sink_tokens`` "auto"); ``ntk-nosink`` the same state read
+by every position (the recipe before the exemption); ``ntk-elu`` / ``ntk-exp64`` a given
+feature map with the exemption.
+
     python experiments/first_step.py --output docs/results/first_step
 """
 
@@ -33,6 +38,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 BUCKETS = ((0, 1), (1, 2), (2, 4), (4, 16), (16, 64))  # predicted positions [start, end)
+# method name -> (method, MethodOptions fields)
+VARIANTS = {
+    "ntk": ("ntk", {}),
+    "ntk-nosink": ("ntk", {"sink_tokens": 0}),
+    "ntk-elu": ("ntk", {"feature_map": "elu"}),
+    "ntk-exp64": ("ntk", {"feature_map": "exp", "r": 64}),
+    "lora": ("lora", {}),
+    "prefix": ("prefix", {}),
+}
 
 
 def position_nll(model, input_ids: torch.Tensor) -> torch.Tensor:
@@ -47,7 +61,8 @@ def position_nll(model, input_ids: torch.Tensor) -> torch.Tensor:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--methods", nargs="+", default=["ntk", "lora", "prefix"])
+    parser.add_argument("--methods", nargs="+", default=["ntk", "ntk-nosink", "lora", "prefix"],
+                        choices=list(VARIANTS))
     parser.add_argument("--lrs", nargs="+", type=float, default=[1e-4, 1e-3, 1e-2])
     parser.add_argument("--length", type=int, default=64)
     parser.add_argument("--batch", type=int, default=16)
@@ -80,7 +95,10 @@ def main() -> None:
     for method in args.methods:
         for lr in args.lrs:
             torch.manual_seed(0)
-            model = build_method(method, load(), "causal-lm", MethodOptions(max_length=args.length))
+            name, options = VARIANTS[method]
+            model = build_method(
+                name, load(), "causal-lm", MethodOptions(max_length=args.length, **options)
+            )
             model.train()
             params = [p for p in model.parameters() if p.requires_grad]
             optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -98,8 +116,10 @@ def main() -> None:
 
     args.output.parent.mkdir(parents=True, exist_ok=True)
     command = "python " + shlex.join(sys.argv)
+    from ntk_attention.train.loop import environment
+
     env = {"command": command, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-           "torch": torch.__version__, "threads": args.threads}
+           "torch": torch.__version__, "threads": args.threads, **environment()}
     args.output.with_suffix(".json").write_text(
         json.dumps({"env": env, "base": base.tolist(), "records": records}, indent=1)
     )
@@ -109,7 +129,8 @@ def main() -> None:
         "",
         f"`{command}`",
         "",
-        f"{env['machine']}, torch {env['torch']}, {args.threads} thread(s). Mean NLL of the "
+        f"{env['machine']}, torch {env['torch']}, {args.threads} thread(s), commit "
+        f"{str(env['git'].get('commit'))[:12]}. Mean NLL of the "
         f"next token at each position of {args.batch} held-out validation passages "
         f"({args.length} tokens), after one AdamW step on {args.batch} training passages; "
         "the untrained model first. Position t predicts token t + 1 having seen t + 1 tokens.",
