@@ -48,6 +48,11 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     # (trained virtual tokens), whatever the kind's default is.
     "ntk-elu": ("ntk", {"feature_map": "elu"}),
     "ntk-exp64": ("ntk", {"feature_map": "exp", "r": 64}),
+    # StreamingLLM keeps 4 sink tokens: exempting positions 0-3 instead of position 0 only.
+    "ntk-elu-sink4": ("ntk", {"feature_map": "elu", "sink_tokens": 4}),
+    "ntk-exp64-sink4": ("ntk", {"feature_map": "exp", "r": 64, "sink_tokens": 4}),
+    # The state starts as the exact cache of the first 64 training tokens (--ntk-init text).
+    "ntk-text64": ("ntk", {"ntk_init": "text", "r": 64}),
 }
 # The metric that picks the learning rate and leads the table, per task kind.
 LEAD_METRIC = {"accuracy": True, "perplexity": False, "exact_match": True}

@@ -2,6 +2,7 @@
 NTK-Attention state (DESIGN.md section 7: closed form is an initialisation, not a conversion).
 
     compress_prompt(model, tokenizer, prompt)    prompt.py
+    exact_prompt_state(model, prompt_ids)        prompt.py (the prompt's cache as a state, exactly)
     convert_prefix(adapter_dir, base_model)      prefix.py
     CompressConfig                               config.py (state size, init, distillation)
 
@@ -13,7 +14,7 @@ select.py (which prompt tokens to keep: by attention mass, sink + recent, SnapKV
 
 from .config import CompressConfig, CompressError
 from .prefix import convert_prefix, read_peft_prefix
-from .prompt import CompressionReport, compress_prompt
+from .prompt import CompressionReport, compress_prompt, exact_prompt_state
 
 __all__ = [
     "CompressConfig",
@@ -21,5 +22,6 @@ __all__ = [
     "CompressionReport",
     "compress_prompt",
     "convert_prefix",
+    "exact_prompt_state",
     "read_peft_prefix",
 ]

@@ -182,6 +182,30 @@ def compress_prompt(
     )
 
 
+@torch.no_grad()
+def exact_prompt_state(
+    model: nn.Module, prompt_token_ids: torch.Tensor, *, seed: int = 0, **config_fields: Any
+) -> NTKModel:
+    """``model`` wrapped as an :class:`NTKModel` whose state *is* the prompt: its KV cache
+    copied into m = len(prompt) exp virtual tokens per layer and KV head (W = keys, Z = values,
+    kappa = 1), real tokens shifted by m (``position_offset``) and every query reading the
+    state (``sink_tokens`` 0: the prompt's own first token is the sink). No distillation: the
+    model reads a continuation exactly as it would after the prompt. A warm start for
+    fine-tuning ("prompt -> state -> fine-tune": the state starts as real text instead of at
+    zero); ``config_fields`` are added to the NTKConfig (e.g. ``modules_to_save``)."""
+    check_model(model)
+    ids = prompt_ids(None, prompt_token_ids)
+    check_positions(model, ids.numel(), 1, "prompt")
+    was_training = model.training
+    model.eval()
+    prefix, _, mass = prompt_prefix(model, ids)
+    config = CompressConfig(feature_map="exp", memory_fraction=None, exact_heads=0)
+    ntk = get_ntk_model(model, ntk_config_for(config, prefix, seed=seed).replace(**config_fields))
+    initialise(ntk, prefix, config, mass)
+    model.train(was_training)
+    return ntk
+
+
 def choose_exact_heads(
     config: CompressConfig, prefix: PrefixKV, retrieval: torch.Tensor | None
 ) -> tuple[tuple[int, int], ...]:

@@ -58,7 +58,15 @@ from .checkpoint import (
 from .distributed import local_device
 from .distributed import setup as setup_distributed
 from .guards import NonFiniteGuard
-from .methods import HEAD_NAMES, METHODS, MethodError, MethodOptions, build_method, count_parameters
+from .methods import (
+    HEAD_NAMES,
+    METHODS,
+    NTK_INITS,
+    MethodError,
+    MethodOptions,
+    build_method,
+    count_parameters,
+)
 
 __all__ = [
     "KINDS",
@@ -101,6 +109,9 @@ class TrainConfig:
     feature_map, r   NTK-Attention's state; feature_map None: the kind's ``NTK_DEFAULTS``
     sink_tokens   NTK-Attention: "auto" (1 for decoders, 0 for encoders) or an int: the first
                   positions of a sequence that read only the real keys (``NTKConfig``)
+    ntk_init      NTK-Attention: "zeros" (the state starts at zero: the base model) or "text"
+                  (decoders: the first ``r`` (default 64) training tokens copied exactly into
+                  an exp state, as if they preceded every sequence; then fine-tuned)
     head_lr       learning rate of the task head trained beside an adapter (classifier /
                   score); None: ``lr``, capped for image tasks at ``Kind.head_lr_cap``
     max_steps     stop after this many optimizer steps (None: ``epochs`` full epochs)
@@ -122,6 +133,7 @@ class TrainConfig:
     rank: int | None = None
     feature_map: str | None = None
     sink_tokens: int | str = "auto"
+    ntk_init: str = "zeros"
     prefix_length: int = 16
     lora_r: int = 8
     lr: float | None = None
@@ -169,6 +181,8 @@ class TrainConfig:
             or self.sink_tokens < 0
         ):
             raise RunError(f"--sink-tokens must be 'auto' or an int >= 0, got {self.sink_tokens!r}")
+        if self.ntk_init not in NTK_INITS:
+            raise RunError(f"--ntk-init must be one of {NTK_INITS}, got {self.ntk_init!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise RunError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio!r}")
         if self.weight_decay < 0 or self.max_grad_norm <= 0:
@@ -588,24 +602,49 @@ def prepare(config: TrainConfig, task: Any = None) -> Prepared:
     model = _load_model(task.kind, kind, model_path, label_names, config.trust_remote_code)
     if getattr(model.config, "pad_token_id", None) is None and tokenizer is not None:
         model.config.pad_token_id = pad_id  # sequence classification by decoders needs it
+    splits = {
+        split: [kind.encode(row, tokenizer, config) for row in task.data[split]]
+        for split in ("train", "validation", "test")
+    }
     try:
-        model = build_method(config.method, model, task.kind, config.method_options())
+        if config.method == "ntk" and config.ntk_init == "text":
+            model = _warm_started_ntk(model, task.kind, splits["train"], config)
+        else:
+            model = build_method(config.method, model, task.kind, config.method_options())
     except MethodError as error:
         raise RunError(str(error)) from None
     except ValueError as error:  # the adapter's config and model checks
         raise RunError(f"--method {config.method}: {error}") from None
     model.to(device)
-
-    splits = {
-        split: [kind.encode(row, tokenizer, config) for row in task.data[split]]
-        for split in ("train", "validation", "test")
-    }
     return Prepared(
         config=config, task=task, kind=kind, model=model, tokenizer=tokenizer,
         model_path=model_path, splits=splits, label_names=label_names,
         metric_names=tuple(task.metric_names), device=device, pad_id=pad_id,
         image_mean=image_mean, image_std=image_std,
     )
+
+
+def _warm_started_ntk(model: nn.Module, kind: str, train_rows: list[dict], config: TrainConfig):
+    """NTK-Attention whose state starts as real text ("prompt -> state -> fine-tune"): the
+    first ``config.r`` (default 64) tokens of the training split, rows joined in order, copied
+    exactly into exp virtual tokens (``compress.exact_prompt_state``)."""
+    from ..compress import CompressError, exact_prompt_state
+
+    if kind not in ("causal-lm", "generation"):
+        raise RunError(f"--ntk-init text reads training text into a decoder's cache; {kind!r} "
+                       "tasks use --ntk-init zeros")
+    if config.feature_map not in (None, "exp") or config.rank is not None:
+        raise RunError("--ntk-init text makes an exp state with a dense Z: drop --feature-map "
+                       "and --rank (or use --ntk-init zeros)")
+    tokens = config.r or 64
+    ids = [token for row in train_rows for token in row["input_ids"]][:tokens]
+    if len(ids) < tokens:
+        raise RunError(f"--ntk-init text needs {tokens} training tokens (--r), the training "
+                       f"split has {len(ids)}")
+    try:
+        return exact_prompt_state(model, torch.tensor(ids), seed=config.seed)
+    except CompressError as error:
+        raise RunError(f"--ntk-init text: {error}") from None
 
 
 # ---------------------------------------------------------------------------------- run record

@@ -33,6 +33,7 @@ __all__ = [
     "HEAD_NAMES",
     "METHODS",
     "NTK_DEFAULTS",
+    "NTK_INITS",
     "Method",
     "MethodError",
     "MethodOptions",
@@ -102,6 +103,11 @@ class MethodOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise MethodError(f"{name} must be a positive int, got {value!r}")
+
+
+# How NTK-Attention's state starts in the fine-tuning loop: at zero (the base model), or as the
+# exact cache of the first training tokens (decoders; train.loop._warm_started_ntk).
+NTK_INITS = ("zeros", "text")
 
 
 @dataclasses.dataclass(frozen=True)
