@@ -44,6 +44,9 @@ VARIANTS = {
     "ntk-nosink": ("ntk", {"sink_tokens": 0}),
     "ntk-elu": ("ntk", {"feature_map": "elu"}),
     "ntk-exp64": ("ntk", {"feature_map": "exp", "r": 64}),
+    "ntk-elu-gated": ("ntk", {"feature_map": "elu", "gated": True}),
+    "ntk-exp64-gated": ("ntk", {"feature_map": "exp", "r": 64, "gated": True}),
+    "ntk-sink4": ("ntk", {"sink_tokens": 4}),
     "lora": ("lora", {}),
     "prefix": ("prefix", {}),
 }

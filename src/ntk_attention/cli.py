@@ -98,6 +98,10 @@ def _add_train_arguments(parser: argparse.ArgumentParser, *, defaults: dict | No
                         metavar="N", help="ntk: the first N positions of a sequence read only "
                         "the real keys, protecting a decoder's attention sink (default: "
                         "%(default)s = 1 for decoders, 0 for encoders and ViTs)")
+    method.add_argument("--ntk-gated", action=argparse.BooleanOptionalAction,
+                        default=base["ntk_gated"],
+                        help="ntk: the state's Z = diag(kappa) U, values U and masses kappa "
+                        "trained apart (default: the task kind's, train.methods.NTK_DEFAULTS)")
     method.add_argument("--ntk-init", choices=("zeros", "text"), default=base["ntk_init"],
                         help="ntk: the state starts at zero (the base model) or, for decoders, "
                         "as the exact cache of the first --r (default 64) training tokens "

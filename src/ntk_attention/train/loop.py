@@ -109,6 +109,8 @@ class TrainConfig:
     feature_map, r   NTK-Attention's state; feature_map None: the kind's ``NTK_DEFAULTS``
     sink_tokens   NTK-Attention: "auto" (1 for decoders, 0 for encoders) or an int: the first
                   positions of a sequence that read only the real keys (``NTKConfig``)
+    ntk_gated     NTK-Attention: Z = diag(kappa) U (``NTKConfig.gated``); None: the kind's
+                  ``NTK_DEFAULTS``
     ntk_init      NTK-Attention: "zeros" (the state starts at zero: the base model) or "text"
                   (decoders: the first ``r`` (default 64) training tokens copied exactly into
                   an exp state, as if they preceded every sequence; then fine-tuned)
@@ -133,6 +135,7 @@ class TrainConfig:
     rank: int | None = None
     feature_map: str | None = None
     sink_tokens: int | str = "auto"
+    ntk_gated: bool | None = None
     ntk_init: str = "zeros"
     prefix_length: int = 16
     lora_r: int = 8
@@ -213,6 +216,7 @@ class TrainConfig:
     def method_options(self) -> MethodOptions:
         return MethodOptions(
             r=self.r, rank=self.rank, feature_map=self.feature_map, sink_tokens=self.sink_tokens,
+            gated=self.ntk_gated,
             prefix_length=self.prefix_length, lora_r=self.lora_r, max_length=self.max_length,
             seed=self.seed,
         )

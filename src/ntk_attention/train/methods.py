@@ -82,6 +82,8 @@ class MethodOptions:
                           r None with a given map: the map's natural size (head dim for "elu")
     sink_tokens           NTK-Attention: the first positions that read only the real keys
                           ("auto": 1 for decoders, 0 for encoders; NTKConfig.sink_tokens)
+    gated                 NTK-Attention: Z = diag(kappa) U (NTKConfig.gated); None: the kind's
+                          NTK_DEFAULTS
     prefix_length         prefix and prompt tuning: number of virtual tokens m
     lora_r, lora_alpha    LoRA rank and scaling numerator (None: 2 * lora_r)
     max_length            the longest input the run will feed (for position-table checks)
@@ -92,6 +94,7 @@ class MethodOptions:
     rank: int | None = None
     feature_map: str | None = None
     sink_tokens: int | str = "auto"
+    gated: bool | None = None
     prefix_length: int = 16
     lora_r: int = 8
     lora_alpha: int | None = None
@@ -117,6 +120,7 @@ class NTKDefaults:
     feature_map: str
     r: int | None  # None: the map's natural size
     lr: float
+    gated: bool = False  # NTKConfig.gated: Z = diag(kappa) U
 
 
 # Chosen per kind from the grids in docs/results/REPORT.md section 4 ("Defaults per kind"):
@@ -261,10 +265,11 @@ def _require_text_model(model: nn.Module, method: str, kind: str) -> None:
 def _build_ntk(model: nn.Module, kind: str, options: MethodOptions) -> nn.Module:
     from ..tuner import NTKConfig, get_ntk_model
 
+    defaults = NTK_DEFAULTS[kind]
     feature_map, r = options.feature_map, options.r
     if feature_map is None:
-        defaults = NTK_DEFAULTS[kind]
         feature_map, r = defaults.feature_map, defaults.r if r is None else r
+    gated = defaults.gated if options.gated is None else options.gated
     config = NTKConfig(
         feature_map=feature_map,
         r=r,
@@ -272,6 +277,7 @@ def _build_ntk(model: nn.Module, kind: str, options: MethodOptions) -> nn.Module
         modules_to_save=head_names(model, kind) or None,
         seed=options.seed,
         sink_tokens=options.sink_tokens,
+        gated=gated,
     )
     return get_ntk_model(model, config)
 

@@ -70,6 +70,13 @@ class NTKConfig:
                        layers (decoders), 0 elsewhere (encoders, ViTs). A state that stands
                        for real tokens before the sequence (a compressed prompt, a converted
                        prefix) uses 0: it holds the sink itself.
+      gated            False: Z is a free parameter (the paper's). True: ``ntk_z`` holds each
+                       feature's value U and the state reads Z = diag(kappa) U, so
+                       b / a = sum_i phi_i kappa_i U_i / sum_i phi_i kappa_i is a weighted mean of
+                       U's rows. With a free Z, Adam's first step makes both b and a ~lr, so
+                       b / a has a norm O(1) whatever the lr; gated, the value moves by ~lr per
+                       step like the mass, so the lr sets how fast the state grows. At "zeros"
+                       U ~ N(0, init_std^2) and kappa = 0: still Z = 0, the base model.
     """
 
     feature_map: str = "elu"
@@ -86,6 +93,7 @@ class NTKConfig:
     exact_heads: tuple[tuple[int, int], ...] | None = None
     exact_tokens: int | None = None
     sink_tokens: int | str = "auto"
+    gated: bool = False
 
     def __post_init__(self) -> None:
         # Lists are accepted and frozen into tuples, so the config stays hashable and immutable.
@@ -142,6 +150,8 @@ class NTKConfig:
             raise ValueError(f"seed must be an int, got {self.seed!r}")
         if not isinstance(self.learn_log_scale, bool):
             raise ValueError(f"learn_log_scale must be a bool, got {self.learn_log_scale!r}")
+        if not isinstance(self.gated, bool):
+            raise ValueError(f"gated must be a bool, got {self.gated!r}")
         if self.implementation not in IMPLEMENTATIONS:
             raise ValueError(
                 f"implementation must be one of {IMPLEMENTATIONS}, got {self.implementation!r}"

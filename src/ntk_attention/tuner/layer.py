@@ -112,7 +112,9 @@ class NTKState(nn.Module):
         def zeros(*shape: int) -> torch.Tensor:
             return torch.zeros(*shape, device=device, **kwargs)
 
-        std = config.init_std if config.init == "normal" else 0.0
+        # Gated: ntk_z holds the values U, Z = kappa U is 0 at kappa = 0 whatever U is, and U
+        # must not start at 0 (kappa's gradient would see no value to weigh).
+        std = config.init_std if config.init == "normal" or config.gated else 0.0
         if config.rank is None:
             self.ntk_z[name] = nn.Parameter(normal(g.kv_heads, r, g.head_dim, std=std))
         else:
@@ -194,9 +196,12 @@ class NTKState(nn.Module):
         if z is None:
             z = (modules["ntk_z_a"]._parameters[name], modules["ntk_z_b"]._parameters[name])
         feature_map = modules["ntk_feature_map"]._modules[name]
+        config = self.configs[name]
+        if config.gated:  # Z = diag(kappa) U (for Z_A Z_B: the rows of Z_A)
+            gate = kappa.unsqueeze(-1)
+            z = gate * z if isinstance(z, torch.Tensor) else (gate * z[0], z[1])
         if name in self.exact_heads:
             feature_map, z, kappa = self._with_exact_tokens(name, feature_map, z, kappa)
-        config = self.configs[name]
         return OpState(
             z, kappa, modules["ntk_log_scale"]._parameters.get(name), feature_map,
             config.implementation, sink_tokens=config.resolve_sink_tokens(self.geometry.causal),

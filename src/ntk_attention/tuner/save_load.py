@@ -78,7 +78,7 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
 
 # NTKConfig fields added after format 1 -> what a file without them means (sink_tokens: every
 # query read the state before the field existed).
-_LEGACY_DEFAULTS = {"sink_tokens": 0}
+_LEGACY_DEFAULTS = {"sink_tokens": 0, "gated": False}
 
 
 def config_digest(config: NTKConfig) -> str:
