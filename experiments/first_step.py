@@ -15,10 +15,12 @@ The script takes one AdamW step (the fine-tuning CLI's first step: its warmup st
 here the lr is used as given) on a batch of 16 training passages and reports the mean
 negative log-likelihood per position on 16 held-out passages before and after it.
 
-Methods: ``ntk`` is NTK-Attention with the library's defaults for causal LMs (the first
-position exempt from the state: ``sink_tokens`` "auto"); ``ntk-nosink`` the same state read
-by every position (the recipe before the exemption); ``ntk-elu`` / ``ntk-exp64`` a given
-feature map with the exemption.
+Methods: ``ntk-default`` is NTK-Attention as the finetune CLI sets it up for causal LMs (its
+state, init and the first position exempt); ``ntk`` the paper's elu state from zero with the
+first position exempt (``sink_tokens`` "auto"); ``ntk-nosink`` the same state read by every
+position (the recipe before the exemption); ``ntk-elu`` / ``ntk-exp64`` a given feature map
+with the exemption; ``-gated``: Z = diag(kappa) U; ``ntk-sink4``: the first 4 positions
+exempt.
 
     python experiments/first_step.py --output docs/results/first_step
 """
@@ -40,8 +42,9 @@ import torch
 BUCKETS = ((0, 1), (1, 2), (2, 4), (4, 16), (16, 64))  # predicted positions [start, end)
 # method name -> (method, MethodOptions fields)
 VARIANTS = {
-    "ntk": ("ntk", {}),
-    "ntk-nosink": ("ntk", {"sink_tokens": 0}),
+    "ntk-default": ("ntk", {}),
+    "ntk": ("ntk", {"feature_map": "elu"}),
+    "ntk-nosink": ("ntk", {"feature_map": "elu", "sink_tokens": 0}),
     "ntk-elu": ("ntk", {"feature_map": "elu"}),
     "ntk-exp64": ("ntk", {"feature_map": "exp", "r": 64}),
     "ntk-elu-gated": ("ntk", {"feature_map": "elu", "gated": True}),
@@ -64,7 +67,7 @@ def position_nll(model, input_ids: torch.Tensor) -> torch.Tensor:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--methods", nargs="+", default=["ntk", "ntk-nosink", "lora", "prefix"],
+    parser.add_argument("--methods", nargs="+", default=["ntk-default", "ntk", "ntk-nosink", "lora", "prefix"],
                         choices=list(VARIANTS))
     parser.add_argument("--lrs", nargs="+", type=float, default=[1e-4, 1e-3, 1e-2])
     parser.add_argument("--length", type=int, default=64)
@@ -77,6 +80,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ntk_attention.models import smollm2_path
+    from ntk_attention.train.loop import TrainConfig, _warm_started_ntk
     from ntk_attention.train.methods import MethodOptions, build_method
     from ntk_attention.train.tasks.wiki_lm import build
 
@@ -99,9 +103,18 @@ def main() -> None:
         for lr in args.lrs:
             torch.manual_seed(0)
             name, options = VARIANTS[method]
-            model = build_method(
-                name, load(), "causal-lm", MethodOptions(max_length=args.length, **options)
-            )
+            if method == "ntk-default":  # the finetune CLI's defaults for causal LMs
+                config = TrainConfig(task="wiki-lm", method="ntk", max_length=args.length)
+                model = load()
+                if config.resolved_ntk_init("causal-lm") == "text":
+                    rows = [{"input_ids": row.tolist()} for row in train_ids]
+                    model = _warm_started_ntk(model, "causal-lm", rows, config)
+                else:
+                    model = build_method("ntk", model, "causal-lm", config.method_options())
+            else:
+                model = build_method(
+                    name, load(), "causal-lm", MethodOptions(max_length=args.length, **options)
+                )
             model.train()
             params = [p for p in model.parameters() if p.requires_grad]
             optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)

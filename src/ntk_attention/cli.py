@@ -105,7 +105,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser, *, defaults: dict | No
     method.add_argument("--ntk-init", choices=("zeros", "text"), default=base["ntk_init"],
                         help="ntk: the state starts at zero (the base model) or, for decoders, "
                         "as the exact cache of the first --r (default 64) training tokens "
-                        "(default: %(default)s)")
+                        "(default: the task kind's: text for decoders, zeros otherwise)")
     method.add_argument("--prefix-length", type=int, default=base["prefix_length"], metavar="M",
                         help="prefix/prompt: virtual tokens (default: %(default)s)")
     method.add_argument("--lora-r", type=int, default=base["lora_r"],

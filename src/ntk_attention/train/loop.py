@@ -61,6 +61,7 @@ from .guards import NonFiniteGuard
 from .methods import (
     HEAD_NAMES,
     METHODS,
+    NTK_DEFAULTS,
     NTK_INITS,
     MethodError,
     MethodOptions,
@@ -113,7 +114,8 @@ class TrainConfig:
                   ``NTK_DEFAULTS``
     ntk_init      NTK-Attention: "zeros" (the state starts at zero: the base model) or "text"
                   (decoders: the first ``r`` (default 64) training tokens copied exactly into
-                  an exp state, as if they preceded every sequence; then fine-tuned)
+                  an exp state, as if they preceded every sequence; then fine-tuned); None:
+                  the kind's ``NTK_DEFAULTS``
     head_lr       learning rate of the task head trained beside an adapter (classifier /
                   score); None: ``lr``, capped for image tasks at ``Kind.head_lr_cap``
     max_steps     stop after this many optimizer steps (None: ``epochs`` full epochs)
@@ -136,7 +138,7 @@ class TrainConfig:
     feature_map: str | None = None
     sink_tokens: int | str = "auto"
     ntk_gated: bool | None = None
-    ntk_init: str = "zeros"
+    ntk_init: str | None = None
     prefix_length: int = 16
     lora_r: int = 8
     lr: float | None = None
@@ -184,7 +186,7 @@ class TrainConfig:
             or self.sink_tokens < 0
         ):
             raise RunError(f"--sink-tokens must be 'auto' or an int >= 0, got {self.sink_tokens!r}")
-        if self.ntk_init not in NTK_INITS:
+        if self.ntk_init is not None and self.ntk_init not in NTK_INITS:
             raise RunError(f"--ntk-init must be one of {NTK_INITS}, got {self.ntk_init!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise RunError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio!r}")
@@ -193,6 +195,15 @@ class TrainConfig:
                 f"weight_decay must be >= 0 and max_grad_norm > 0, got {self.weight_decay!r} "
                 f"and {self.max_grad_norm!r}"
             )
+
+    def resolved_ntk_init(self, kind: str) -> str:
+        """``ntk_init``, or the kind's default (``NTK_DEFAULTS``) where the state asked for can
+        start as text (an exp state with a dense Z), else "zeros"."""
+        if self.ntk_init is not None:
+            return self.ntk_init
+        if self.feature_map not in (None, "exp") or self.rank is not None:
+            return "zeros"
+        return NTK_DEFAULTS[kind].init
 
     def learning_rate(self, kind: str) -> float:
         """``lr``, or the method's default for a task of ``kind``."""
@@ -611,7 +622,7 @@ def prepare(config: TrainConfig, task: Any = None) -> Prepared:
         for split in ("train", "validation", "test")
     }
     try:
-        if config.method == "ntk" and config.ntk_init == "text":
+        if config.method == "ntk" and config.resolved_ntk_init(task.kind) == "text":
             model = _warm_started_ntk(model, task.kind, splits["train"], config)
         else:
             model = build_method(config.method, model, task.kind, config.method_options())
@@ -640,7 +651,7 @@ def _warm_started_ntk(model: nn.Module, kind: str, train_rows: list[dict], confi
     if config.feature_map not in (None, "exp") or config.rank is not None:
         raise RunError("--ntk-init text makes an exp state with a dense Z: drop --feature-map "
                        "and --rank (or use --ntk-init zeros)")
-    tokens = config.r or 64
+    tokens = config.r or NTK_DEFAULTS[kind].r or 64
     ids = [token for row in train_rows for token in row["input_ids"]][:tokens]
     if len(ids) < tokens:
         raise RunError(f"--ntk-init text needs {tokens} training tokens (--r), the training "
