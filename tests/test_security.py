@@ -99,3 +99,16 @@ def test_the_cli_flag_reaches_the_config():
     base = ["finetune", "--task", "bbc-news", "--method", "ntk"]
     assert _config_from(build_parser().parse_args(base)).trust_remote_code is False
     assert _config_from(build_parser().parse_args([*base, "--trust-remote-code"])).trust_remote_code
+
+
+@pytest.mark.parametrize("name", ["/tmp/escaped", "../up", "a/b", "a\\b", "x.y", "", "a\x00b", "n" * 129])
+def test_an_adapter_name_cannot_be_a_path(tmp_path, name):
+    """save_pretrained writes adapter "x" to save_directory/x: a name that is an absolute path,
+    climbs out or names a sub-folder is refused when the adapter is added."""
+    ntk = get_ntk_model(ARCHITECTURES["llama"].build(), NTKConfig())
+    with pytest.raises(ValueError, match="adapter names hold 1-128 letters"):
+        ntk.add_adapter(name, NTKConfig())
+    ntk.add_adapter("fine-tuned 2", NTKConfig())
+    ntk.save_pretrained(tmp_path / "out")
+    assert (tmp_path / "out" / "fine-tuned 2" / "adapter_config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

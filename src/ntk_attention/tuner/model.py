@@ -20,6 +20,7 @@ import contextlib
 import functools
 import inspect
 import os
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -603,11 +604,17 @@ def get_ntk_model(model: nn.Module, config: NTKConfig, adapter_name: str = "defa
     return NTKModel(model, config, adapter_name)
 
 
+# An adapter's name is a parameter-key component and, in save_pretrained, a folder name under
+# the save directory: letters, digits, '_', '-' and spaces only, so that it can never be an
+# absolute path, climb out ('..') or reach another folder ('/', '\\').
+_ADAPTER_NAME = re.compile(r"[\w\- ]{1,128}")
+
+
 def _check_adapter_name(name: str) -> None:
-    if not isinstance(name, str) or not name or "." in name or name == BASE_ADAPTER:
+    if not isinstance(name, str) or not _ADAPTER_NAME.fullmatch(name) or name == BASE_ADAPTER:
         raise ValueError(
-            f"adapter names must be non-empty strings without '.', other than {BASE_ADAPTER!r}; "
-            f"got {name!r}"
+            "adapter names hold 1-128 letters, digits, '_', '-' or spaces (they name a folder in "
+            f"save_pretrained) and are not {BASE_ADAPTER!r}; got {name!r}"
         )
 
 
