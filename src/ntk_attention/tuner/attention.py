@@ -99,6 +99,23 @@ def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
     return _AUTOCAST_OFF
 
 
+def _one_dtype(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v in the dtype the attention kernel runs in. Under autocast models hand them over
+    mixed (RoPE returns q, k in float32 while v stays in bf16/fp16 without a cache that casts
+    it): SDPA would run in the autocast dtype, so the op does too. Outside autocast they
+    already agree (nothing is copied)."""
+    device = q.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+    elif q.dtype == k.dtype == v.dtype:
+        return q, k, v
+    else:
+        dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    return tuple(t if t.dtype == dtype else t.to(dtype) for t in (q, k, v))
+
+
 def _run(
     family: AttentionFamily,
     module: nn.Module,
@@ -125,6 +142,7 @@ def _run(
     # autocast would recast its einsums to bf16 and break its backward. Shapes are right by
     # construction (the model's q, k, v; a state built for this layer's geometry), so the op's
     # input checks are skipped: they cost ~40 us per layer and token when decoding.
+    q, k, v = _one_dtype(q, k, v)
     with _no_autocast(q.device.type):
         out = ntk_attention_unchecked(
             q, k, v, op_state.z, op_state.kappa,
