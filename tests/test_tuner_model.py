@@ -242,3 +242,11 @@ def test_disable_adapter_restores_after_an_exception():
         with ntk.disable_adapter():
             raise RuntimeError("boom")
     assert not any(m.disabled for m in ntk.modules() if isinstance(m, (NTKState, ModulesToSaveWrapper)))
+
+
+@pytest.mark.parametrize("method", ["merge_and_unload", "merge_adapter", "unmerge_adapter"])
+def test_merging_says_a_state_is_not_a_weight_delta(method):
+    ntk = get_ntk_model(LLAMA.build(), NTKConfig())
+    with pytest.raises(NotImplementedError, match="cannot be merged .* call unload"):
+        getattr(ntk, method)()
+    assert ntk.peft_config  # nothing was changed

@@ -338,6 +338,19 @@ class NTKModel(nn.Module):
         self.peft_config = {}
         return self.base_model
 
+    def merge_and_unload(self, *args: Any, **kwargs: Any) -> nn.Module:
+        """Not possible: see :meth:`merge_adapter`."""
+        raise NotImplementedError(_CANNOT_MERGE)
+
+    def merge_adapter(self, *args: Any, **kwargs: Any) -> None:
+        """Not possible: an NTK-Attention state is attention over a (virtual) prefix, read by
+        every query through the softmax's denominator, not a change of any weight matrix, so
+        there is no weight to fold it into (unlike LoRA). ``unload()`` returns the base model
+        without the adapter; keep the NTKModel to use the adapter."""
+        raise NotImplementedError(_CANNOT_MERGE)
+
+    unmerge_adapter = merge_adapter
+
     def _restore_base(self) -> None:
         for _, module in self._attention:
             if STATE_ATTR in module._modules:
@@ -603,6 +616,12 @@ def get_ntk_model(model: nn.Module, config: NTKConfig, adapter_name: str = "defa
     """Freeze ``model``, attach NTK-Attention adapter ``adapter_name`` and make it active."""
     return NTKModel(model, config, adapter_name)
 
+
+_CANNOT_MERGE = (
+    "an NTK-Attention state cannot be merged into the model's weights: it is attention over a "
+    "(virtual) prefix, not a weight delta like LoRA's. Keep the NTKModel to use the adapter, "
+    "or call unload() to get the base model back without it"
+)
 
 # An adapter's name is a parameter-key component and, in save_pretrained, a folder name under
 # the save directory: letters, digits, '_', '-' and spaces only, so that it can never be an

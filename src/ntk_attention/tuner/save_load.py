@@ -131,8 +131,13 @@ def read_adapter_config(directory: str | os.PathLike) -> tuple[NTKConfig, dict[s
     if not isinstance(document, dict):
         raise AdapterLoadError(f"{path} must hold a JSON object, got {type(document).__name__}")
     if document.get("peft_type") != PEFT_TYPE:
+        hint = (
+            ": load it with peft.PeftModel.from_pretrained(base_model, directory)"
+            if isinstance(document.get("peft_type"), str) else ""
+        )
         raise AdapterLoadError(
-            f"{path} is a {document.get('peft_type')!r} adapter, expected {PEFT_TYPE!r}"
+            f"{path} is a {document.get('peft_type')!r} adapter, not an NTK-Attention one "
+            f"({PEFT_TYPE!r}){hint}"
         )
     if document.get("format_version") != FORMAT_VERSION:
         raise AdapterLoadError(
