@@ -634,18 +634,21 @@ def test_lse_path_without_autograd_matches_float64_reference(name):
 )
 @pytest.mark.parametrize("kernel_groups_heads", [True, False], ids=["kernel GQA", "folded"])
 @pytest.mark.parametrize("fused_merge", [True, False], ids=["compiled merge", "torch ops"])
+@pytest.mark.parametrize("chunk_rows", [1 << 14, 3], ids=["one chunk", "chunks of 3 rows"])
 def test_lse_inference_takes_maskless_no_grad_layouts(
-    case, taken, kernel_groups_heads, fused_merge, monkeypatch
+    case, taken, kernel_groups_heads, fused_merge, chunk_rows, monkeypatch
 ):
     """Both layouts: the kernel grouping GQA heads itself (torch here) and the fallback that
     folds them into the query length (or repeats k, v for a causal block); the state merged by
-    the compiled call (ops.decode_merge, numba) and by its twin, the torch ops."""
+    the compiled call (ops.decode_merge, numba) and by its twin, the torch ops, in one chunk of
+    query positions or in many (the in-place merge that keeps the no-grad peak memory low)."""
     from ntk_attention.ops import lse as lse_module
     from ntk_attention.ops.decode_merge import merge_into
     from ntk_attention.ops.lse import lse_inference
     from ntk_attention.ops.state import state_matrix
 
     monkeypatch.setattr(lse_module, "_KERNEL_GROUPS_HEADS", kernel_groups_heads)
+    monkeypatch.setattr(lse_module, "_MERGE_CHUNK_ROWS", chunk_rows)
     inputs = make_inputs(case)
     phi = get_feature_map("elu", case.head_dim)
     matrix = state_matrix(inputs["z"], inputs["kappa"])
