@@ -101,3 +101,20 @@ def test_a_warm_start_that_cannot_be_made_exits_2_naming_it(tmp_path, tiny_decod
 def test_an_unknown_init_is_refused():
     with pytest.raises(RunError, match="--ntk-init must be one of"):
         TrainConfig(task="wiki-lm", method="ntk", ntk_init="prompt")
+
+
+def test_a_warm_started_run_resumes_exactly(tmp_path, tiny_decoder_dir):
+    """Stopped after 2 of 4 steps and resumed: the warm start is rebuilt from the same tokens and
+    the checkpoint's state loaded over it, so the result equals an uninterrupted run's."""
+    model, data = tiny_decoder_dir
+    common = ["finetune", "--task", "causal-lm", "--data", str(data), "--model", str(model),
+              "--method", "ntk", "--ntk-init", "text", "--r", "16", "--max-steps", "4",
+              "--batch-size", "4", "--max-length", "16", "--save-every", "1", "--no-progress",
+              "--threads", "1"]
+    assert main([*common, "--output", str(tmp_path / "whole")]) == 0
+    assert main([*common, "--output", str(tmp_path / "cut"), "--stop-after-steps", "2"]) == 0
+    assert not (tmp_path / "cut" / "results.json").exists()
+    assert main([*common, "--output", str(tmp_path / "cut"), "--resume"]) == 0
+    whole, cut = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("whole", "cut"))
+    assert cut["history"]["train_loss"] == whole["history"]["train_loss"]
+    assert cut["metrics"] == whole["metrics"]
