@@ -141,3 +141,44 @@ def test_fashion_mnist_trains_dinov2_with_ntk_and_the_head_at_its_capped_lr(tmp_
     assert len(losses) == 3 and losses[-1] < losses[0], losses
     assert results["config"]["lr"] is None and results["config"]["head_lr"] is None
     assert (output / "adapter").is_dir()
+
+
+def test_resume_without_a_run_to_continue_is_refused(tmp_path, capsys):
+    output = tmp_path / "never-started"
+    code = main(["finetune", "--task", "bbc-news", "--method", "ntk", "--output", str(output),
+                 "--resume", *TINY])
+    assert code == EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--resume" in err[0] and "holds no run to continue" in err[0]
+    assert not output.exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["ops-demo", "--prefix-lengths", "-5"], "--prefix-lengths"),
+        (["demo", "--methods", "nosuch"], "--methods"),
+        (["finetune", "--task", "wiki-lm", "--method", "ntk", "--sink-tokens", "-1"], "--sink-tokens"),
+    ],
+)
+def test_bad_arguments_are_usage_errors_naming_the_flag(tmp_path, capsys, argv, flag):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--output", str(tmp_path / "out")] if argv[0] != "ops-demo" else argv)
+    assert exit_info.value.code == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert flag in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_version_and_python_dash_m(capsys):
+    import subprocess
+    import sys
+
+    from ntk_attention import __version__
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"ntk-attention {__version__}"
+    done = subprocess.run([sys.executable, "-m", "ntk_attention", "--version"], capture_output=True,
+                          text=True, check=False)
+    assert done.returncode == 0 and done.stdout.strip() == f"ntk-attention {__version__}"

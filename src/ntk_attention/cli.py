@@ -23,6 +23,18 @@ from . import cli_compress
 
 __all__ = ["COMMANDS", "EXIT_BAD_INPUT", "main"]
 
+_DESCRIPTION = """\
+NTK-Attention: fine-tune a transformer through a constant-size attention state (the effect of
+an arbitrarily long prefix), compare it with LoRA, prefix and prompt tuning, and compress long
+prompts into small states. Examples:
+
+    ntk-attention demo
+    ntk-attention finetune --task wiki-lm --method ntk --output runs/ntk
+    ntk-attention compare --task bbc-news --methods ntk lora prefix
+    ntk-attention compress-prompt --model smollm2-135m --prompt-file prompt.txt --output runs/state
+
+Each command's options: ntk-attention COMMAND --help."""
+
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 
@@ -43,9 +55,21 @@ def _ops_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    """An int >= 1 (else a usage error naming the flag)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text!r}")
+    return value
+
+
 def _add_ops_demo(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--prefix-lengths", type=int, nargs="+", default=[256, 4096, 65536], metavar="M"
+        "--prefix-lengths", type=_positive_int, nargs="+", default=[256, 4096, 65536],
+        metavar="M", help="prefix lengths m the state stands for (default: %(default)s)",
     )
 
 
@@ -171,10 +195,13 @@ def _setup(args: argparse.Namespace) -> None:
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    from .train.loop import train
+    from .train.loop import RunError, holds_run, train
 
-    _setup(args)
     config = _config_from(args)
+    if args.resume and not holds_run(config.output):
+        raise RunError(f"--resume: {config.output} holds no run to continue (no checkpoint, no "
+                       "results.json); drop --resume to start one")
+    _setup(args)
     results = train(config, resume=args.resume, progress=not args.no_progress,
                     stop_after_steps=args.stop_after_steps)
     if results is None:
@@ -240,8 +267,10 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _add_demo(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="runs/demo", metavar="DIR")
-    parser.add_argument("--methods", nargs="+", metavar="METHOD",
-                        help="default: ntk lora prefix")
+    from .train.methods import METHODS
+
+    parser.add_argument("--methods", nargs="+", metavar="METHOD", choices=sorted(METHODS),
+                        help=f"from {sorted(METHODS)} (default: ntk lora prefix)")
     parser.add_argument("--max-steps", type=int, help="cut each run short (smoke tests)")
     parser.add_argument("--max-train", type=int, metavar="N")
     parser.add_argument("--max-eval", type=int, metavar="N")
@@ -265,7 +294,13 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ntk-attention", description=__doc__)
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="ntk-attention", description=_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"ntk-attention {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, add_arguments, run) in COMMANDS.items():
         sub = commands.add_parser(name, help=help_text)

@@ -773,6 +773,15 @@ def _lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
     return factor
 
 
+def holds_run(output: str | os.PathLike) -> bool:
+    """Whether ``output`` holds a run to continue or read back (results or a checkpoint)."""
+    output = Path(output)
+    checkpoints = output / CHECKPOINTS
+    return (output / RESULTS).is_file() or (
+        checkpoints.is_dir() and latest_checkpoint(checkpoints) is not None
+    )
+
+
 def check_output(output: Path, config: TrainConfig, resume: bool) -> Path | None:
     """The checkpoint to resume from (None: start afresh); refuses to mix two runs."""
     has_results = (output / RESULTS).is_file()

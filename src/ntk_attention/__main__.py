@@ -1,0 +1,7 @@
+"""``python -m ntk_attention``: the ``ntk-attention`` command line."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
