@@ -28,14 +28,18 @@ def naive_attention(
 ) -> torch.Tensor:
     """out = (sum_j e^{l_j} v_j + b) / (sum_j e^{l_j} + a), l_j = s q.k_j (+ additive mask).
 
-    With a = e^{o} mass and b = e^{o} numer from :class:`StateTerms`, every term is scaled by
-    e^{-c}, c = max(max_j l_j, log a), so nothing overflows for logits up to 1e4:
+    Written as the base attention o = softmax(l) v (computed as transformers' eager attention
+    computes it) merged with the state, every term scaled by e^{-c}, c = max(lse, log a) with
+    lse = log sum_j e^{l_j}, so nothing overflows for logits up to 1e4:
 
-        out = (sum_j e^{l_j - c} v_j + e^{o - c} numer) / (sum_j e^{l_j - c} + e^{o - c} mass)
+        out = (o e^{lse - c} + e^{o - c} numer) / (e^{lse - c} + e^{o - c} mass)
 
-    Masked keys have l_j = -inf. A row whose keys are all masked gets numer / mass, and zeros
-    when mass = 0 too. Computed in float32 (float64 for float64 inputs). Dropout drops normalised weights, the
-    state counting as one key, as in the fused path.
+    (a = e^{o} mass and b = e^{o} numer from :class:`StateTerms`). For a zero state c = lse, so
+    out = (o * 1 + 0) / (1 + 0) = o bit for bit: the adapted eager model equals the base model
+    exactly at init. Masked keys have l_j = -inf. A row whose keys are all masked gets
+    numer / mass, and zeros when mass = 0 too. Computed in float32 (float64 for float64
+    inputs). Dropout drops normalised weights, the state counting as one key, as in the fused
+    path.
     """
     dtype = torch.promote_types(q.dtype, torch.float32)
     _, q_heads, q_len, _ = q.shape
@@ -52,20 +56,22 @@ def naive_attention(
         else:
             logits = logits + mask.to(dtype)
 
-    row_max = logits.amax(-1)  # [B, Hq, Lq], -inf for fully masked rows
-    log_mass = terms.log_offset + terms.mass.clamp_min(0).log()  # -inf where mass = 0
-    # The shift only keeps exp() in range; the result does not depend on it, so no gradient.
-    shift = torch.maximum(row_max, log_mass).detach()
-    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
-
-    weights = (logits - shift.unsqueeze(-1)).exp()  # masked keys: exp(-inf) = 0
-    state_weight = (terms.log_offset - shift).clamp_max(_MAX_EXPONENT).exp()
+    empty = logits.amax(-1) == float("-inf")  # [B, Hq, Lq]: rows that see no key
+    logits = logits.masked_fill(empty.unsqueeze(-1), 0.0)  # finite; their weight is set to 0
+    probs = torch.softmax(logits, dim=-1)
+    lse = torch.logsumexp(logits, dim=-1).masked_fill(empty, float("-inf"))
     mass = terms.mass.clamp_min(0)  # a negative phi^T kappa (taylor) counts as no mass
-    denominator = weights.sum(-1) + state_weight * mass
+    log_mass = terms.log_offset + mass.log()  # -inf where mass = 0
+    # The shift only keeps exp() in range; the result does not depend on it, so no gradient.
+    shift = torch.maximum(lse, log_mass).detach()
+    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+    exact_weight = (lse - shift).exp()  # S e^{-c}: 1 for a zero state, 0 for an empty row
+    state_weight = (terms.log_offset - shift).clamp_max(_MAX_EXPONENT).exp()
+    denominator = exact_weight + state_weight * mass
     if dropout_p > 0.0:  # dropout of the normalised weights, the state counting as one key
-        weights = torch.nn.functional.dropout(weights, dropout_p)
+        probs = torch.nn.functional.dropout(probs, dropout_p)
         state_weight = torch.nn.functional.dropout(state_weight, dropout_p)
-    numerator = weights @ values + state_weight.unsqueeze(-1) * terms.numer
+    numerator = (probs @ values) * exact_weight.unsqueeze(-1) + state_weight.unsqueeze(-1) * terms.numer
     empty = denominator <= 0
     out = numerator / torch.where(empty, torch.ones_like(denominator), denominator).unsqueeze(-1)
     out = out.masked_fill(empty.unsqueeze(-1), 0.0)
