@@ -37,7 +37,10 @@ def load_run(run: Path):
     config = TrainConfig(**{**saved, "output": str(run)})
     prepared = prepare(config)
     adapter = run / "adapter"
-    base = prepared.model.unload()  # NTKModel and PeftModel alike: the bare base model
+    try:  # NTKModel and LoRA alike: the bare base model (their layers taken out)
+        base = prepared.model.unload()
+    except AttributeError:  # PEFT's prompt learning leaves the base model's modules alone
+        base = prepared.model.get_base_model()
     loader = NTKModel if config.method == "ntk" else PeftModel
     model = loader.from_pretrained(base, adapter)
     return model.eval(), prepared
@@ -55,6 +58,7 @@ def position_nll(model, prepared, split: str = "test") -> torch.Tensor:
     for start in range(0, len(rows), 16):
         ids, mask = _pad([r["input_ids"] for r in rows[start : start + 16]], prepared.pad_id)
         logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        logits = logits[:, logits.shape[1] - ids.shape[1] :]  # prompt tuning's virtual tokens
         nll = torch.nn.functional.cross_entropy(
             logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none"
         )

@@ -199,11 +199,7 @@ class TrainConfig:
     def resolved_ntk_init(self, kind: str) -> str:
         """``ntk_init``, or the kind's default (``NTK_DEFAULTS``) where the state asked for can
         start as text (an exp state with a dense Z), else "zeros"."""
-        if self.ntk_init is not None:
-            return self.ntk_init
-        if self.feature_map not in (None, "exp") or self.rank is not None:
-            return "zeros"
-        return NTK_DEFAULTS[kind].init
+        return _resolved_ntk_init(self.to_dict(), kind)
 
     def learning_rate(self, kind: str) -> float:
         """``lr``, or the method's default for a task of ``kind``."""
@@ -231,6 +227,17 @@ class TrainConfig:
             prefix_length=self.prefix_length, lora_r=self.lora_r, max_length=self.max_length,
             seed=self.seed,
         )
+
+
+def _resolved_ntk_init(settings: dict[str, Any], kind: str | None) -> str | None:
+    """What ``ntk_init`` means in a run's settings (None: the kind's default, see
+    :meth:`TrainConfig.resolved_ntk_init`); as given where the kind is unknown."""
+    init = settings.get("ntk_init")
+    if init is not None or kind not in NTK_DEFAULTS:
+        return init
+    if settings.get("feature_map") not in (None, "exp") or settings.get("rank") is not None:
+        return "zeros"
+    return NTK_DEFAULTS[kind].init
 
 
 def _check_int(name: str, value: Any, *, minimum: int) -> None:
@@ -826,6 +833,14 @@ def _changed_settings(saved: dict[str, Any], config: TrainConfig) -> str:
     counts as its default, so older runs still resume and read back."""
     current = config.to_dict()
     saved = {**TrainConfig.defaults(), **saved}
+    # ntk_init None means the kind's default: two runs differ only if what it means differs.
+    from . import tasks
+
+    builtin = tasks.TASKS.get(config.task)
+    kind = builtin.kind if builtin is not None else config.task
+    if config.method == "ntk":
+        saved["ntk_init"] = _resolved_ntk_init(saved, kind)
+        current["ntk_init"] = _resolved_ntk_init(current, kind)
     differ = sorted(
         key for key in set(saved) | set(current)
         if key not in _RESUME_MAY_CHANGE and saved.get(key) != current.get(key)
