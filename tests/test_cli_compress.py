@@ -138,3 +138,18 @@ def test_an_unknown_model_name_is_named(tmp_path, capsys):
                  "--output", str(tmp_path / "o"), *FAST])
     assert code == EXIT_BAD_INPUT
     assert "neither a directory nor a known model name" in capsys.readouterr().err
+
+
+def test_an_empty_prompt_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    from ntk_attention import cli_compress
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded for an empty prompt")
+
+    monkeypatch.setattr(cli_compress, "_load_model", no_loading)
+    (tmp_path / "empty.txt").write_text("\n \n")
+    code = main(["compress-prompt", "--model", "smollm2-135m", "--prompt-file",
+                 str(tmp_path / "empty.txt"), "--output", str(tmp_path / "o"), *FAST])
+    assert code == EXIT_BAD_INPUT
+    assert "prompt is empty" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -192,6 +192,10 @@ def run_compress_prompt(args: argparse.Namespace) -> int:
 
     config = _config(args)
     prompt = _read_text(args.prompt_file, "--prompt-file")
+    if not prompt.strip():  # before the model loads (tens of seconds the first time)
+        from .compress import CompressError
+
+        raise CompressError(f"the prompt is empty (--prompt-file {args.prompt_file}): nothing to compress")
     model, tokenizer, model_path = _load_model(args.model, args.device, "--model")
     ntk = compress_prompt(model, tokenizer, prompt, config=config, seed=args.seed,
                           progress=not args.no_progress)
