@@ -437,6 +437,24 @@ class NTKModel(nn.Module):
                 self._base_record(self.peft_config[name]), _library_version(),
             )
 
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        adapter_name: str = "default",
+        private: bool | None = None,
+        token: str | None = None,
+        commit_message: str = "Upload NTK-Attention adapter",
+        metrics: dict[str, Any] | None = None,
+    ) -> str:
+        """Upload the adapter's files and a model card (base model, config, ``metrics``) to the
+        Hub repository ``repo_id``; returns the commit URL (``hub.push_adapter``). The base
+        model is not uploaded: load it back with ``NTKModel.from_pretrained(base, repo_id)``."""
+        from .hub import push_adapter
+
+        return push_adapter(self, repo_id, adapter_name=adapter_name, private=private,
+                            token=token, commit_message=commit_message, metrics=metrics)
+
     @classmethod
     def from_pretrained(
         cls,
@@ -445,12 +463,18 @@ class NTKModel(nn.Module):
         adapter_name: str = "default",
         is_trainable: bool = False,
         check_base_weights: bool = True,
+        revision: str | None = None,
     ) -> NTKModel:
-        """Wrap ``model`` and load the adapter saved in ``model_id`` (a local directory).
+        """Wrap ``model`` and load the adapter saved in ``model_id``: a local directory, or a
+        Hub repository id ("owner/name", at ``revision``) resolved through huggingface_hub
+        (from its cache when offline).
 
         Fails with :class:`AdapterLoadError` when the adapter does not fit the model (other
-        architecture, layer count, heads, head dim, base weights) or its files are damaged.
-        ``is_trainable=False`` freezes the adapter (inference)."""
+        architecture, layer count, heads, head dim, base weights), its files are damaged, or
+        the repository cannot be read. ``is_trainable=False`` freezes the adapter (inference)."""
+        from .hub import resolve_adapter_dir
+
+        model_id = resolve_adapter_dir(model_id, revision)
         config, _ = read_adapter_config(model_id)
         ntk = cls(model, config, adapter_name)
         try:
@@ -469,7 +493,11 @@ class NTKModel(nn.Module):
         is_trainable: bool = False,
         check_base_weights: bool = True,
     ) -> None:
-        """Add the adapter saved in ``model_id`` under ``adapter_name`` (not activated)."""
+        """Add the adapter saved in ``model_id`` (a folder or a Hub id, as in
+        :meth:`from_pretrained`) under ``adapter_name`` (not activated)."""
+        from .hub import resolve_adapter_dir
+
+        model_id = resolve_adapter_dir(model_id)
         config, _ = read_adapter_config(model_id)
         self.add_adapter(adapter_name, config)
         try:
