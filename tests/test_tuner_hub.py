@@ -112,3 +112,22 @@ def test_a_cached_repository_without_the_adapter_files_is_named(tmp_path, offlin
 def test_push_to_hub_refuses_a_bad_repo_id():
     with pytest.raises(ValueError, match="repo_id must be a Hub repository id"):
         _trained().push_to_hub("a/b/c")
+
+
+def test_peft_loaders_name_the_ntk_loader_for_an_ntk_folder(tmp_path):
+    """PEFT given an NTK-Attention folder: one clear ValueError instead of KeyError."""
+    from peft import PeftConfig, PeftModel
+
+    _trained().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"NTKModel.from_pretrained\(base_model, path\)"):
+        PeftConfig.from_pretrained(str(tmp_path))
+    with pytest.raises(ValueError, match=r"NTKModel.from_pretrained\(base_model, path\)"):
+        PeftModel.from_pretrained(SPEC.build(), str(tmp_path))
+
+
+def test_our_loader_names_peft_for_a_peft_folder(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    get_peft_model(SPEC.build(), LoraConfig(target_modules=["q_proj"])).save_pretrained(tmp_path)
+    with pytest.raises(AdapterLoadError, match=r"'LORA' adapter.*PeftModel.from_pretrained"):
+        NTKModel.from_pretrained(SPEC.build(), tmp_path)

@@ -1,8 +1,10 @@
 """The NTK-Attention adapter for transformers models, in PEFT's conventions: a config
 (config.py), what is attached to one attention module (layer.py), the attention function
-transformers calls (attention.py), the model wrapper (model.py) and the file format
-(save_load.py)."""
+transformers calls (attention.py), the model wrapper (model.py), the file format
+(save_load.py), the Hub (hub.py) and what PEFT's loaders say of an NTK folder
+(peft_interop.py)."""
 
+from . import peft_interop
 from .attention import FAMILIES
 from .config import NTKConfig
 from .discovery import SUPPORTED_ARCHITECTURES, UnsupportedModelError
@@ -10,6 +12,8 @@ from .layer import ModulesToSaveWrapper, NTKState
 from .model import NTKModel, get_ntk_model
 from .routing import BASE_ADAPTER
 from .save_load import AdapterLoadError
+
+peft_interop.install()
 
 __all__ = [
     "BASE_ADAPTER",
