@@ -91,8 +91,8 @@ def test_push_to_hub_uploads_the_adapter_and_a_card_and_it_loads_back(tmp_path, 
     ("model_id", "message"),
     [
         ("user/not-cached", "not in the Hugging Face cache while offline"),
-        ("a/b/c", "neither an adapter folder nor a Hub repository id"),
-        ("/no/such/folder", "neither an adapter folder nor a Hub repository id"),
+        ("a/b/c", "no adapter_config.json in a/b/c"),
+        ("/no/such/folder", "no adapter_config.json in /no/such/folder"),
     ],
 )
 def test_what_cannot_be_resolved_is_named(offline_cache, model_id, message):

@@ -164,3 +164,55 @@ def test_torch_compile_matches_eager():
     logits = compiled(**batch).logits
     logits.pow(2).mean().backward()
     assert all(p.grad is not None for p in ntk.parameters() if p.requires_grad)
+
+
+def _trainer(ntk, spec, output, **overrides):
+    settings = dict(
+        output_dir=str(output), per_device_train_batch_size=4, max_steps=4, learning_rate=1e-2,
+        report_to="none", save_strategy="steps", save_steps=2, use_cpu=True, logging_steps=1,
+        disable_tqdm=True, dataloader_num_workers=0, seed=0, data_seed=0,
+    )
+    settings.update(overrides)
+    args = transformers.TrainingArguments(**settings)
+    data = _dataset(spec)
+    return transformers.Trainer(model=ntk, args=args, train_dataset=data, eval_dataset=data)
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_trainer_checkpoints_hold_the_adapter_and_resume_exactly(arch, tmp_path):
+    """Trainer treats NTKModel as a PEFT-style model: checkpoints and save_model hold the
+    adapter's files (no copy of the base model), NTKModel.from_pretrained reads a checkpoint,
+    and resume_from_checkpoint continues to the same state as an uninterrupted run."""
+    spec = ARCHITECTURES[arch]
+    config = NTKConfig(modules_to_save=[spec.head] if spec.head else None)
+    whole = get_ntk_model(spec.build(), config)
+    _trainer(whole, spec, tmp_path / "whole").train()
+    checkpoint = tmp_path / "whole" / "checkpoint-2"
+    files = {p.name for p in checkpoint.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt",
+            "trainer_state.json"} <= files
+    assert not {"model.safetensors", "pytorch_model.bin"} & files
+    NTKModel.from_pretrained(spec.build(), checkpoint)
+
+    resumed = get_ntk_model(spec.build(), config)
+    _trainer(resumed, spec, tmp_path / "whole").train(resume_from_checkpoint=str(checkpoint))
+    for (name, a), (_, b) in zip(whole.adapter_state_dict().items(), resumed.adapter_state_dict().items(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7, msg=name)
+
+    trainer = _trainer(whole, spec, tmp_path / "final")
+    trainer.save_model(str(tmp_path / "final-model"))
+    saved = {p.name for p in (tmp_path / "final-model").iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= saved and "model.safetensors" not in saved
+
+
+def test_trainer_loads_the_best_checkpoint_at_the_end(tmp_path):
+    spec = ARCHITECTURES["llama"]
+    ntk = get_ntk_model(spec.build(), NTKConfig())
+    trainer = _trainer(ntk, spec, tmp_path / "best", eval_strategy="steps", eval_steps=2,
+                       load_best_model_at_end=True, metric_for_best_model="loss")
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None
+    expected = NTKModel.from_pretrained(spec.build(), best).adapter_state_dict()
+    for name, tensor in ntk.adapter_state_dict().items():
+        torch.testing.assert_close(tensor, expected[name], msg=name)

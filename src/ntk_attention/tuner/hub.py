@@ -28,17 +28,14 @@ _REPO_ID = re.compile(r"^(?:[\w.\-]+/)?[\w.\-]+$")
 
 
 def resolve_adapter_dir(model_id: str | os.PathLike, revision: str | None = None) -> Path:
-    """``model_id`` as a local folder: itself when it is one, else a Hub repository id fetched
-    (adapter files only) into huggingface_hub's cache, or read from it when offline. Errors
-    are :class:`AdapterLoadError` naming the repository and what is missing."""
+    """``model_id`` as a local folder: itself when it is one (or cannot be a repository id),
+    else a Hub repository id fetched (adapter files only) into huggingface_hub's cache, or read
+    from it when offline. Errors are :class:`AdapterLoadError` naming the repository and what
+    is missing."""
     path = Path(model_id)
-    if path.is_dir():
-        return path
     text = str(model_id)
-    if not _REPO_ID.match(text) or text.count("/") > 1:
-        raise AdapterLoadError(
-            f"{text!r} is neither an adapter folder nor a Hub repository id ('owner/name')"
-        )
+    if path.is_dir() or not _REPO_ID.match(text) or text.count("/") > 1:
+        return path  # a folder, or a path that is no repository id: the loader says what is missing
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         EntryNotFoundError,

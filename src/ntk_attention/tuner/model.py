@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import PeftModel
 from torch import nn
 
 from .attention import family_for_base
@@ -87,18 +88,28 @@ def _signature_with_adapter_names(fn: Any) -> inspect.Signature | None:
     return signature.replace(parameters=head + [extra] + tail)
 
 
-class NTKModel(nn.Module):
+class NTKModel(PeftModel):
     """A base transformers model plus named NTK-Attention adapters.
 
     Attribute access falls through to the base model (``ntk.config``, ``ntk.device``, ...).
     Only the active adapter is trainable; ``adapter_names=[...]`` in ``forward``/``generate``
     gives each row its own adapter (``"__base__"``: none).
+
+    It subclasses ``peft.PeftModel`` only so that tools which check for a PEFT model treat it
+    as one: ``transformers.Trainer`` then saves adapter-only checkpoints and ``save_model``
+    output through :meth:`save_pretrained`, and loads them back through :meth:`load_adapter`
+    (``resume_from_checkpoint``, ``load_best_model_at_end``). ``PeftModel.__init__`` never
+    runs; every member of PeftModel that those tools use is defined here, and PEFT's own
+    machinery (its tuners, prompt learning, merging) is not used.
     """
 
     forward = _ForwardWithBaseSignature()
+    # PeftModel's properties of this name read PEFT internals this class does not have: a
+    # plain class attribute shadows the property, and each instance sets its own dict.
+    peft_config = None
 
     def __init__(self, model: nn.Module, config: NTKConfig, adapter_name: str = "default") -> None:
-        super().__init__()
+        nn.Module.__init__(self)
         if isinstance(model, NTKModel):
             raise ValueError("the model is already an NTKModel: use add_adapter() on it")
         if not isinstance(config, NTKConfig):
@@ -139,7 +150,7 @@ class NTKModel(nn.Module):
     # ------------------------------------------------------------- passthrough
     def __getattr__(self, name: str) -> Any:
         try:
-            return super().__getattr__(name)
+            return nn.Module.__getattr__(self, name)
         except AttributeError:
             base = self.__dict__.get("_modules", {}).get("base_model")
             if base is None:
@@ -148,6 +159,28 @@ class NTKModel(nn.Module):
 
     def get_base_model(self) -> nn.Module:
         return self.base_model
+
+    @property
+    def modules_to_save(self) -> set[str] | None:
+        """The task-head names every adapter saves with itself (PEFT's attribute)."""
+        names = {name for config in self.peft_config.values() for name in config.modules_to_save or ()}
+        return names or None
+
+    @property
+    def has_active_enabled_adapter(self) -> bool:
+        return self._active_adapter is not None and not self._disabled
+
+    @property
+    def active_peft_config(self) -> NTKConfig:
+        return self.peft_config[self._resolve_name(None)]
+
+    @property
+    def base_model_torch_dtype(self) -> torch.dtype | None:
+        return getattr(self.base_model, "dtype", None)
+
+    def get_prompt_embedding_to_save(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError("an NTK-Attention adapter has no prompt embedding (it is not "
+                                  "PEFT prompt learning)")
 
     def _forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         """The base model's forward; ``adapter_names`` (one per row) mixes adapters in a batch."""
@@ -421,10 +454,24 @@ class NTKModel(nn.Module):
 
     # ------------------------------------------------------------ save / load
     def save_pretrained(
-        self, save_directory: str | os.PathLike, selected_adapters: Sequence[str] | None = None
+        self,
+        save_directory: str | os.PathLike,
+        selected_adapters: Sequence[str] | None = None,
+        *,
+        is_main_process: bool = True,
+        state_dict: dict[str, torch.Tensor] | None = None,
+        safe_serialization: bool = True,
     ) -> None:
-        """Write each adapter to ``save_directory`` ("default") or ``save_directory/<name>``."""
+        """Write each adapter to ``save_directory`` ("default") or ``save_directory/<name>``.
+
+        ``is_main_process``, ``state_dict`` and ``safe_serialization`` are what
+        ``transformers.Trainer`` passes a PEFT model: only the main process writes; the
+        adapter's tensors are always read from the model itself (a full-model ``state_dict``
+        is not an adapter) and always written with safetensors."""
+        del state_dict, safe_serialization  # see the docstring
         self._check_usable()
+        if not is_main_process:
+            return
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         for name in names:
             if name not in self.peft_config:
@@ -494,11 +541,27 @@ class NTKModel(nn.Module):
         check_base_weights: bool = True,
     ) -> None:
         """Add the adapter saved in ``model_id`` (a folder or a Hub id, as in
-        :meth:`from_pretrained`) under ``adapter_name`` (not activated)."""
+        :meth:`from_pretrained`) under ``adapter_name`` (not activated). Where ``adapter_name``
+        exists already (``transformers.Trainer`` resuming from a checkpoint, or loading the best
+        one at the end) its tensors are overwritten in place, so an optimizer holding them
+        keeps working; its saved config must then equal the adapter's."""
         from .hub import resolve_adapter_dir
 
         model_id = resolve_adapter_dir(model_id)
         config, _ = read_adapter_config(model_id)
+        if adapter_name in self.peft_config:
+            if config != self.peft_config[adapter_name]:
+                raise AdapterLoadError(
+                    f"{model_id}: its config differs from adapter {adapter_name!r}'s, so it cannot "
+                    "be loaded into it: load it under another name"
+                )
+            self._load_into(model_id, adapter_name, config, check_base_weights)
+            if is_trainable:
+                self._frozen.discard(adapter_name)
+            else:
+                self._frozen.add(adapter_name)
+            self._mark_trainable()
+            return
         self.add_adapter(adapter_name, config)
         try:
             self._load_into(model_id, adapter_name, config, check_base_weights)
