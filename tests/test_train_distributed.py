@@ -120,3 +120,62 @@ def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp
         assert results["ddp"]["metrics"][split] == pytest.approx(
             results["single"]["metrics"][split], rel=1e-4)
     assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == ["adapter", "results.json"]
+
+
+_FSDP2_WORKER = '''
+import sys, torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from safetensors.torch import save_file
+from ntk_attention import NTKConfig, get_ntk_model
+from ntk_attention.testing_models import ARCHITECTURES, randomize_adapter
+
+torch.set_num_threads(1)
+dist.init_process_group("gloo")
+out = sys.argv[1]
+spec = ARCHITECTURES["llama"]
+ntk = get_ntk_model(spec.build(), NTKConfig())
+randomize_adapter(ntk)
+for layer in ntk.base_model.model.layers:
+    fully_shard(layer)
+fully_shard(ntk)
+rank = dist.get_rank()
+batch = {k: v[rank : rank + 1] for k, v in spec.inputs(batch=2, length=7, seed=4).items()}
+loss = ntk(**batch, labels=batch["input_ids"]).loss
+loss.backward()  # FSDP2 averages the gradients over the ranks
+grads = {n: p.grad.full_tensor() for n, p in ntk.named_parameters() if p.grad is not None}
+ntk.save_pretrained(out + "/adapter", is_main_process=rank == 0)
+if rank == 0:
+    save_file({n: g.contiguous() for n, g in grads.items()}, out + "/grads.safetensors")
+dist.destroy_process_group()
+'''
+
+
+def test_fsdp2_two_processes_train_and_save_like_one(tmp_path):
+    """FSDP2 (fully_shard) over 2 CPU processes: the sharded adapter's gradients equal one
+    process's on the whole batch, and save_pretrained gathers the sharded state (a collective
+    every rank joins; rank 0 writes) into the same files."""
+    from ntk_attention import NTKConfig, NTKModel, get_ntk_model
+    from ntk_attention.testing_models import ARCHITECTURES, randomize_adapter
+
+    worker = tmp_path / "worker.py"
+    worker.write_text(_FSDP2_WORKER)
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+         str(worker), str(tmp_path)], env=ENV, check=False, capture_output=True, text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    spec = ARCHITECTURES["llama"]
+    ntk = NTKModel.from_pretrained(spec.build(), tmp_path / "adapter", is_trainable=True)
+    reference = get_ntk_model(spec.build(), NTKConfig())
+    randomize_adapter(reference)
+    for name, tensor in reference.adapter_state_dict().items():
+        torch.testing.assert_close(ntk.adapter_state_dict()[name], tensor, msg=name)
+    batch = spec.inputs(batch=2, length=7, seed=4)
+    losses = [reference(**{k: v[i : i + 1] for k, v in batch.items()}, labels=batch["input_ids"][i : i + 1]).loss
+              for i in range(2)]
+    (sum(losses) / 2).backward()
+    sharded = load_file(tmp_path / "grads.safetensors")
+    for name, param in reference.named_parameters():
+        if param.grad is not None:
+            torch.testing.assert_close(sharded[name], param.grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -51,6 +51,7 @@ from .save_load import (
     base_tensors_for_fingerprint,
     check_base_record,
     check_tensors,
+    full_tensor,
     geometry_record,
     read_adapter_config,
     read_adapter_tensors,
@@ -470,19 +471,21 @@ class NTKModel(PeftModel):
         is not an adapter) and always written with safetensors."""
         del state_dict, safe_serialization  # see the docstring
         self._check_usable()
-        if not is_main_process:
-            return
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         for name in names:
             if name not in self.peft_config:
                 raise ValueError(f"unknown adapter {name!r}; known: {sorted(self.peft_config)}")
+        for name in names:
+            # Every process gathers (a model sharded with FSDP2 holds DTensors: gathering them is
+            # a collective), then only the main one writes.
+            tensors = {key: full_tensor(t) for key, t in self.adapter_state_dict(name).items()}
+            record = self._base_record(self.peft_config[name])
+            if not is_main_process:
+                continue
             directory = Path(save_directory)
             if name != "default":
                 directory = directory / name
-            write_adapter(
-                directory, self.peft_config[name], self.adapter_state_dict(name),
-                self._base_record(self.peft_config[name]), _library_version(),
-            )
+            write_adapter(directory, self.peft_config[name], tensors, record, _library_version())
 
     def push_to_hub(
         self,

@@ -220,13 +220,20 @@ def _preview(keys: list[str], limit: int = 5) -> str:
 
 
 # --------------------------------------------------------------- base model
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` whole: a DTensor (a model sharded with FSDP2) gathered from every process (a
+    collective: all must call it), any other tensor as it is."""
+    gather = getattr(tensor, "full_tensor", None)
+    return gather() if callable(gather) else tensor
+
+
 def weights_fingerprint(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
     """SHA-256 over the names, shapes and 64 evenly spaced values (rounded to bfloat16, so a
     base loaded in fp32 or bf16 gives the same print) of each tensor. Cheap for any model size,
     and two different checkpoints of one architecture differ in it."""
     digest = hashlib.sha256()
     for name, tensor in named_tensors:
-        flat = tensor.detach().reshape(-1)
+        flat = full_tensor(tensor.detach()).reshape(-1)
         digest.update(f"{name}:{tuple(tensor.shape)};".encode())
         if flat.numel() == 0:
             continue
