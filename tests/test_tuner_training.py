@@ -216,3 +216,13 @@ def test_trainer_loads_the_best_checkpoint_at_the_end(tmp_path):
     expected = NTKModel.from_pretrained(spec.build(), best).adapter_state_dict()
     for name, tensor in ntk.adapter_state_dict().items():
         torch.testing.assert_close(tensor, expected[name], msg=name)
+
+
+def test_trainer_with_gradient_checkpointing_trains_the_state(tmp_path):
+    spec = ARCHITECTURES["llama"]
+    ntk = get_ntk_model(spec.build(), NTKConfig())
+    before = {n: p.detach().clone() for n, p in ntk.named_parameters() if ".ntk_z." in n}
+    _trainer(ntk, spec, tmp_path / "gc", max_steps=2, save_strategy="no",
+             gradient_checkpointing=True).train()
+    assert ntk.base_model.model.gradient_checkpointing
+    assert all(not torch.equal(p, before[n]) for n, p in ntk.named_parameters() if n in before)
