@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from .masks import causal_mask
+
 __all__ = ["check_sink_tokens", "state_readers"]
 
 
@@ -57,7 +59,6 @@ def state_readers(
         visible = attn_mask
     else:  # additive: masked keys are -inf or the dtype's most negative value
         visible = attn_mask > torch.finfo(attn_mask.dtype).min / 2
-    rows = torch.arange(q_len, device=device).unsqueeze(-1)
-    up_to_own = torch.arange(k_len, device=device) <= rows + first_position  # [Lq, Lk]
+    up_to_own = causal_mask(q_len, k_len, device)  # [Lq, Lk]: key j <= p_i
     seen = (visible & up_to_own).sum(-1)  # [.., Lq]
     return seen > sink_tokens

@@ -487,23 +487,15 @@ class NTKModel(PeftModel):
                 directory = directory / name
             write_adapter(directory, self.peft_config[name], tensors, record, _library_version())
 
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        adapter_name: str = "default",
-        private: bool | None = None,
-        token: str | None = None,
-        commit_message: str = "Upload NTK-Attention adapter",
-        metrics: dict[str, Any] | None = None,
-    ) -> str:
-        """Upload the adapter's files and a model card (base model, config, ``metrics``) to the
-        Hub repository ``repo_id``; returns the commit URL (``hub.push_adapter``). The base
-        model is not uploaded: load it back with ``NTKModel.from_pretrained(base, repo_id)``."""
+    def push_to_hub(self, repo_id: str, **options: Any) -> str:
+        """Upload the adapter's files and a model card (base model, config, metrics) to the Hub
+        repository ``repo_id``; returns the commit URL. ``options``: ``adapter_name``,
+        ``private``, ``token``, ``commit_message``, ``metrics`` (:func:`.hub.push_adapter`).
+        The base model is not uploaded: load it back with
+        ``NTKModel.from_pretrained(base, repo_id)``."""
         from .hub import push_adapter
 
-        return push_adapter(self, repo_id, adapter_name=adapter_name, private=private,
-                            token=token, commit_message=commit_message, metrics=metrics)
+        return push_adapter(self, repo_id, **options)
 
     @classmethod
     def from_pretrained(
