@@ -118,3 +118,17 @@ def test_a_warm_started_run_resumes_exactly(tmp_path, tiny_decoder_dir):
     whole, cut = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("whole", "cut"))
     assert cut["history"]["train_loss"] == whole["history"]["train_loss"]
     assert cut["metrics"] == whole["metrics"]
+
+
+@pytest.mark.slow
+def test_compile_gives_the_eager_run(tmp_path, tiny_decoder_dir):
+    """finetune --compile: torch.compile'd forward and backward, the same losses and adapter."""
+    model, data = tiny_decoder_dir
+    common = ["finetune", "--task", "causal-lm", "--data", str(data), "--model", str(model),
+              "--method", "ntk", "--r", "16", "--max-steps", "3", "--batch-size", "4",
+              "--max-length", "16", "--no-progress", "--threads", "1"]
+    assert main([*common, "--output", str(tmp_path / "eager")]) == 0
+    assert main([*common, "--output", str(tmp_path / "compiled"), "--compile"]) == 0
+    eager, compiled = (json.loads((tmp_path / n / "results.json").read_text()) for n in ("eager", "compiled"))
+    assert compiled["config"]["compile"] is True
+    assert compiled["history"]["train_loss"] == pytest.approx(eager["history"]["train_loss"], rel=1e-4)

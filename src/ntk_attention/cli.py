@@ -157,6 +157,9 @@ def _add_train_arguments(parser: argparse.ArgumentParser, *, defaults: dict | No
     run.add_argument("--device", default=base["device"], help="auto, cpu or cuda[:i]")
     run.add_argument("--threads", type=int, metavar="N", help="torch CPU threads")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--compile", action="store_true",
+                     help="run the model through torch.compile (same results; the first steps "
+                     "compile, later ones may run faster)")
     run.add_argument("--detect-nonfinite", action="store_true",
                      help="stop at the first NaN/inf activation, gradient or parameter and name "
                      "the layer (slower: checks every module output)")

@@ -121,6 +121,8 @@ class TrainConfig:
     max_steps     stop after this many optimizer steps (None: ``epochs`` full epochs)
     max_train, max_eval   use only the first rows of the (seeded, shuffled) splits
     save_every    a checkpoint every this many steps (0: only after each epoch)
+    compile       run the model's forward through torch.compile (``nn.Module.compile``: the
+                  same results; faster once compiled where the device and shapes allow)
     detect_nonfinite   stop at the first NaN/inf activation, gradient or parameter, naming it
                   (guards.py; costs a check per module output)
     trust_remote_code  run Python files shipped with --model (transformers' flag; off: see
@@ -160,6 +162,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     device: str = "auto"
     detect_nonfinite: bool = False
+    compile: bool = False
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
@@ -248,7 +251,8 @@ def _check_int(name: str, value: Any, *, minimum: int) -> None:
 
 # Fields a resumed run may change without changing its result.
 _RESUME_MAY_CHANGE = frozenset(
-    {"output", "save_every", "keep_checkpoints", "device", "detect_nonfinite", "trust_remote_code"}
+    {"output", "save_every", "keep_checkpoints", "device", "detect_nonfinite", "trust_remote_code",
+     "compile"}
 )
 
 
@@ -879,6 +883,8 @@ def train(
     if not dist.is_main:
         log, progress = (lambda message: None), False
     model, train_rows = run.model, run.splits["train"]
+    if config.compile:  # in place: the module (and what saves it) stays the same object
+        model.compile()
 
     steps_per_epoch = math.ceil(len(train_rows) / config.batch_size)
     total_steps = config.max_steps or config.epochs * steps_per_epoch
