@@ -38,31 +38,6 @@ def test_the_state_reads_a_continuation_as_the_model_reads_it_after_the_prompt(a
     )
 
 
-@pytest.fixture
-def tiny_decoder_dir(tmp_path):
-    """A 2-layer Llama with MiniLM's tokenizer, saved as a model directory."""
-    transformers = pytest.importorskip("transformers")
-    try:
-        from ntk_attention.models import minilm_path
-
-        tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path())
-    except Exception as err:
-        pytest.skip(f"MiniLM's tokenizer is not installed offline: {err}")
-    config = transformers.LlamaConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    path = tmp_path / "model"
-    transformers.LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    data = tmp_path / "lm.jsonl"
-    rows = [{"text": f"the {word} sat on the mat number {i}"} for i, word in enumerate(["cat", "dog"] * 12)]
-    data.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
-    return path, data
-
-
 def test_finetune_with_a_text_warm_start_trains_and_saves_the_state(tmp_path, tiny_decoder_dir):
     model, data = tiny_decoder_dir
     output = tmp_path / "run"

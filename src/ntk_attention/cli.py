@@ -6,6 +6,7 @@
     ntk-attention ops-demo                                   the op alone, no training
     ntk-attention compress-prompt --model DIR --prompt-file F --output DIR
     ntk-attention convert-prefix SRC DST --base-model DIR
+    ntk-attention generate --model DIR --adapter DIR --prompt TEXT
 
 Bad input (data, model, arguments, an output folder holding another run) ends with one
 ``error:`` line on stderr and exit status 2, before anything is written.
@@ -19,7 +20,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from . import cli_compress
+from . import cli_compress, cli_generate
 
 __all__ = ["COMMANDS", "EXIT_BAD_INPUT", "main"]
 
@@ -293,6 +294,8 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
                         cli_compress.add_compress_prompt, cli_compress.run_compress_prompt),
     "convert-prefix": ("convert a PEFT prefix-tuning adapter into an NTK adapter",
                        cli_compress.add_convert_prefix, cli_compress.run_convert_prefix),
+    "generate": ("continue prompts with a base model and NTK adapters (streamed; per-row "
+                 "adapters for a batch)", cli_generate.add_generate, cli_generate.run_generate),
 }
 
 
