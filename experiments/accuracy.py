@@ -53,6 +53,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "ntk-exp64-sink4": ("ntk", {"feature_map": "exp", "r": 64, "sink_tokens": 4}),
     # The state starts as the exact cache of the first 64 training tokens (--ntk-init text).
     "ntk-text64": ("ntk", {"ntk_init": "text", "r": 64}),
+    "ntk-text32": ("ntk", {"ntk_init": "text", "r": 32}),  # fewer parameters than LoRA r = 8
     # The untrained model on each seed's own splits: one step at --lr-grid 1e-12 of a state
     # that starts at zero (it moves kappa by ~1e-12: nothing measurable).
     "untrained": ("ntk", {"feature_map": "elu", "ntk_init": "zeros", "max_steps": 1}),
