@@ -15,7 +15,7 @@ is compared on held-out sequences with NTK-Attention whose state (Z, kappa) is
 Prefix values are a shared random mean plus unit noise (the prefix carries a signal that
 does not average out as m grows). Two logit regimes: "small" (entries of q, k, p_K with std 0.25; logits s q.k of std ~0.06,
 the regime of the paper's synthetic study) and "unit" (std 1; logits of std ~1). Real
-models' logits are much wider (DESIGN.md section 7), where closed form fails.
+models' logits are much wider (docs/results/REPORT.md section 2), where closed form fails.
 
 Regime "smollm2": the same study on SmolLM2-135M's own keys and values (rotary applied, as its
 attention sees them). The prefix is the first m tokens of a Wikipedia article (m <= 2^12: the

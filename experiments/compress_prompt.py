@@ -1,5 +1,5 @@
 """Compress a real prompt into a small state, at equal memory with KV-cache eviction
-(issue 10; DESIGN.md section 7).
+(issue 10; docs/results/REPORT.md section 5).
 
 Model: SmolLM2-135M-Instruct (30 layers, GQA 9/3, head dim 64), float32. Documents: English
 Wikipedia articles from the gensim test dump (offline), in file order, skipping the first

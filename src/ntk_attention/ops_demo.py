@@ -3,7 +3,7 @@
 For prefixes of growing length m it prints the error of NTK-Attention with a closed-form
 state (FAVOR+ and Taylor features) against exact prefix attention, and the time of both.
 The data are synthetic with small logits (std ~0.25), where closed-form states are accurate;
-on a real model's keys they are not, and the state must be trained (DESIGN.md section 7,
+on a real model's keys they are not, and the state must be trained (docs/results/REPORT.md section 5,
 ``ntk_attention.compress_prompt``).
 """
 

