@@ -28,10 +28,14 @@ from .masks import causal_mask
 __all__ = ["check_sink_tokens", "state_readers"]
 
 
-def check_sink_tokens(sink_tokens: object) -> int:
-    """``sink_tokens`` as an int >= 0, else a ValueError naming it."""
+def check_sink_tokens(sink_tokens: object, *, auto: bool = False) -> int | str:
+    """``sink_tokens`` as an int >= 0 (or "auto" where ``auto`` allows it: a setting resolved
+    per layer, as NTKConfig and the finetune CLI take it), else a ValueError naming it."""
+    if auto and sink_tokens == "auto":
+        return sink_tokens
     if isinstance(sink_tokens, bool) or not isinstance(sink_tokens, int) or sink_tokens < 0:
-        raise ValueError(f"sink_tokens must be an int >= 0, got {sink_tokens!r}")
+        allowed = "'auto' or an int >= 0" if auto else "an int >= 0"
+        raise ValueError(f"sink_tokens must be {allowed}, got {sink_tokens!r}")
     return sink_tokens
 
 

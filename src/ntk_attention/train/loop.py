@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.sink import check_sink_tokens
 from . import metrics
 from .checkpoint import (
     CheckpointError,
@@ -184,11 +185,10 @@ class TrainConfig:
             ):
                 flag = "--" + name.replace("_", "-")
                 raise RunError(f"{flag} must be a positive number, got {value!r}")
-        if self.sink_tokens != "auto" and (
-            isinstance(self.sink_tokens, bool) or not isinstance(self.sink_tokens, int)
-            or self.sink_tokens < 0
-        ):
-            raise RunError(f"--sink-tokens must be 'auto' or an int >= 0, got {self.sink_tokens!r}")
+        try:
+            check_sink_tokens(self.sink_tokens, auto=True)
+        except ValueError as error:  # the flag's name instead of the field's
+            raise RunError(f"--sink-tokens{str(error).removeprefix('sink_tokens')}") from None
         if self.ntk_init is not None and self.ntk_init not in NTK_INITS:
             raise RunError(f"--ntk-init must be one of {NTK_INITS}, got {self.ntk_init!r}")
         if not 0 <= self.warmup_ratio < 1:
@@ -238,9 +238,13 @@ def _resolved_ntk_init(settings: dict[str, Any], kind: str | None) -> str | None
     init = settings.get("ntk_init")
     if init is not None or kind not in NTK_DEFAULTS:
         return init
-    if settings.get("feature_map") not in (None, "exp") or settings.get("rank") is not None:
-        return "zeros"
-    return NTK_DEFAULTS[kind].init
+    return NTK_DEFAULTS[kind].init if _can_start_as_text(settings) else "zeros"
+
+
+def _can_start_as_text(settings: dict[str, Any]) -> bool:
+    """Whether the state asked for can be a text's exact cache: an exp state (feature map
+    unset or "exp") with a dense Z."""
+    return settings.get("feature_map") in (None, "exp") and settings.get("rank") is None
 
 
 def _check_int(name: str, value: Any, *, minimum: int) -> None:
@@ -659,7 +663,7 @@ def _warm_started_ntk(model: nn.Module, kind: str, train_rows: list[dict], confi
     if kind not in ("causal-lm", "generation"):
         raise RunError(f"--ntk-init text reads training text into a decoder's cache; {kind!r} "
                        "tasks use --ntk-init zeros")
-    if config.feature_map not in (None, "exp") or config.rank is not None:
+    if not _can_start_as_text(config.to_dict()):
         raise RunError("--ntk-init text makes an exp state with a dense Z: drop --feature-map "
                        "and --rank (or use --ntk-init zeros)")
     tokens = config.r or NTK_DEFAULTS[kind].r or 64

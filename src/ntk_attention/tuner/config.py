@@ -113,6 +113,7 @@ class NTKConfig:
 
     def _validate(self) -> None:
         from ..ops import FEATURE_MAPS  # the registry is the source of truth for names
+        from ..ops.sink import check_sink_tokens
 
         if not isinstance(self.feature_map, str) or self.feature_map not in FEATURE_MAPS:
             raise ValueError(
@@ -156,11 +157,7 @@ class NTKConfig:
             raise ValueError(
                 f"implementation must be one of {IMPLEMENTATIONS}, got {self.implementation!r}"
             )
-        if self.sink_tokens != "auto" and (
-            isinstance(self.sink_tokens, bool) or not isinstance(self.sink_tokens, int)
-            or self.sink_tokens < 0
-        ):
-            raise ValueError(f"sink_tokens must be 'auto' or an int >= 0, got {self.sink_tokens!r}")
+        check_sink_tokens(self.sink_tokens, auto=True)
         self._validate_exact_heads()
 
     def resolve_sink_tokens(self, causal: bool) -> int:

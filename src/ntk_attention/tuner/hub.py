@@ -24,7 +24,11 @@ if TYPE_CHECKING:
 __all__ = ["model_card", "push_adapter", "resolve_adapter_dir"]
 
 # "owner/name" (or "name"): what the Hub accepts as a model repository id.
-_REPO_ID = re.compile(r"^(?:[\w.\-]+/)?[\w.\-]+$")
+_REPO_ID = re.compile(r"(?:[\w.\-]+/)?[\w.\-]+")
+
+
+def _is_repo_id(text: object) -> bool:
+    return isinstance(text, str) and _REPO_ID.fullmatch(text) is not None
 
 
 def resolve_adapter_dir(model_id: str | os.PathLike, revision: str | None = None) -> Path:
@@ -34,7 +38,7 @@ def resolve_adapter_dir(model_id: str | os.PathLike, revision: str | None = None
     is missing."""
     path = Path(model_id)
     text = str(model_id)
-    if path.is_dir() or not _REPO_ID.match(text) or text.count("/") > 1:
+    if path.is_dir() or not _is_repo_id(text):
         return path  # a folder, or a path that is no repository id: the loader says what is missing
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
@@ -124,7 +128,7 @@ def push_adapter(
     uploaded."""
     if adapter_name not in ntk.peft_config:
         raise ValueError(f"unknown adapter {adapter_name!r}; known: {sorted(ntk.peft_config)}")
-    if not isinstance(repo_id, str) or not _REPO_ID.match(repo_id) or repo_id.count("/") > 1:
+    if not _is_repo_id(repo_id):
         raise ValueError(f"repo_id must be a Hub repository id ('owner/name'), got {repo_id!r}")
     from huggingface_hub import HfApi
 
