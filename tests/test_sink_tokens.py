@@ -83,6 +83,25 @@ def test_state_readers_follow_positions(layout):
         assert torch.equal(readers.expand(2, 1, q_len).reshape(2, q_len), expected)
 
 
+def test_the_readers_of_a_mask_are_counted_again_whenever_the_mask_changes():
+    """Every layer of a forward passes the same mask: its readers are counted once and reused,
+    but a modified mask, another mask, other lengths or another sink_tokens are counted
+    afresh (and inference-mode masks, which have no version counter, every time)."""
+    cpu = torch.device("cpu")
+    mask = _left_padded_mask(2, 6, 6, 2)
+    first = state_readers(mask, 6, 6, 1, cpu)
+    assert state_readers(mask, 6, 6, 1, cpu) is first
+    assert torch.equal(state_readers(mask, 6, 6, 2, cpu), ~torch.tensor([[1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0]], dtype=torch.bool)[:, None])
+    mask[0, :, :, 0] = False  # in place: row 0 is now left-padded by one token too
+    again = state_readers(mask, 6, 6, 1, cpu)
+    assert torch.equal(again, ~torch.tensor([[1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0]], dtype=torch.bool)[:, None])
+    other = _left_padded_mask(2, 6, 6, 2)
+    assert torch.equal(state_readers(other, 6, 6, 1, cpu), first)
+    with torch.inference_mode():
+        frozen = _left_padded_mask(2, 6, 6, 2)
+        assert torch.equal(state_readers(frozen, 6, 6, 1, cpu), first)
+
+
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_exempt_queries_read_only_the_real_keys(path, layout):
