@@ -553,9 +553,9 @@ class NTKModel(PeftModel):
             self._load_into(model_id, adapter_name, config, check_base_weights)
             if is_trainable:
                 self._frozen.discard(adapter_name)
+                self._mark_trainable()
             else:
-                self._frozen.add(adapter_name)
-            self._mark_trainable()
+                self._freeze_adapter(adapter_name)
             return
         self.add_adapter(adapter_name, config)
         try:
