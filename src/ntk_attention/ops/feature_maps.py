@@ -155,7 +155,7 @@ class FavorFeatureMap(FeatureMap):
 
     def log_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         log_phi = self._log_phi(x)
-        offset = log_phi.amax(-1, keepdim=True).detach()
+        offset = log_phi.detach().amax(-1, keepdim=True)
         return (log_phi - offset).exp(), offset
 
 
@@ -201,7 +201,7 @@ class ExpFeatureMap(FeatureMap):
 
     def log_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         exponent = self._exponent(x)
-        offset = exponent.amax(-1, keepdim=True).detach()
+        offset = exponent.detach().amax(-1, keepdim=True)
         return (exponent - offset).exp(), offset
 
 
@@ -253,7 +253,7 @@ class EluExpFeatureMap(FeatureMap):
 
     def log_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         exponent = self.exp._exponent(x)
-        offset = exponent.amax(-1, keepdim=True).clamp_min(0.0).detach()
+        offset = exponent.detach().amax(-1, keepdim=True).clamp_min_(0.0)
         elu_part = self.elu(x.to(exponent.dtype)) * torch.exp(-offset)
         return torch.cat([elu_part, (exponent - offset).exp()], dim=-1), offset
 

@@ -330,10 +330,10 @@ def _merge(q, k, v, log_offset, mass, numer, mask, empty, causal, scale, for_bac
     result.mul_(exact_weight.unsqueeze(-1)).addcmul_(state_weight.unsqueeze(-1), numer)
     out = result if result.dtype == q.dtype else result.to(q.dtype)
     if not for_backward:
-        return out, None, None, None
+        return out, None, None
     # The kernel's backward reads P_ij = e^{l_ij - lse'}: +inf where the row is empty.
     backward_lse = merged if finite is None else merged.masked_fill(~finite, float("inf"))
-    return out, backward_lse.to(lse.dtype), result, state_weight
+    return out, backward_lse.to(lse.dtype), state_weight
 
 
 class _LseMerge(torch.autograd.Function):
@@ -341,20 +341,27 @@ class _LseMerge(torch.autograd.Function):
 
     q [B, H, N, D], k, v [B, H, Lk, D] (heads already matched), log_offset and mass [B, H, N],
     numer [B, H, N, D] in the compute dtype, mask additive in q's dtype or None, ``empty``
-    [.., N] bool rows that see no key (their kernel lse is not -inf) or None."""
+    [.., N] bool rows that see no key (their kernel lse is not -inf) or None.
+
+    Saved for backward beyond what SDPA's own backward keeps (q, k, v, out, lse, mask): two
+    numbers per query (mass and the state's weight c), and numer [B, H, N, D] only when
+    log_offset needs a gradient (a trainable state log scale; the feature maps' offsets are
+    detached stabilisers). dO . out is formed from ``out`` in q's dtype, as the kernel's
+    backward forms D_i, not from a float32 copy."""
 
     @staticmethod
     def forward(ctx, q, k, v, log_offset, mass, numer, mask, empty, causal, scale):
-        out, backward_lse, result, state_weight = _merge(
+        out, backward_lse, state_weight = _merge(
             q, k, v, log_offset, mass, numer, mask, empty, causal, scale, for_backward=True
         )
-        ctx.save_for_backward(q, k, v, out, backward_lse, mask, result, numer, mass, state_weight)
+        kept_numer = numer if ctx.needs_input_grad[3] else None
+        ctx.save_for_backward(q, k, v, out, backward_lse, mask, kept_numer, mass, state_weight)
         ctx.options = (causal, scale)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        q, k, v, out, backward_lse, mask, result, numer, mass, state_weight = ctx.saved_tensors
+        q, k, v, out, backward_lse, mask, numer, mass, state_weight = ctx.saved_tensors
         causal, scale = ctx.options
         _, backward_kernel = _KERNELS
         grad_q = grad_k = grad_v = grad_offset = grad_mass = grad_numer = None
@@ -363,8 +370,8 @@ class _LseMerge(torch.autograd.Function):
                 grad.to(q.dtype), q, k, v, out, backward_lse, 0.0, causal,
                 attn_mask=mask, scale=scale,
             )
-        grad = grad.to(result.dtype)
-        grad_dot_out = torch.linalg.vecdot(grad, result)  # dO . out, [B, H, N]
+        grad = grad.to(state_weight.dtype)
+        grad_dot_out = torch.linalg.vecdot(grad, out.to(grad.dtype))  # dO . out, [B, H, N]
         if ctx.needs_input_grad[3]:
             grad_offset = state_weight * (torch.linalg.vecdot(grad, numer) - grad_dot_out * mass)
         if ctx.needs_input_grad[4]:

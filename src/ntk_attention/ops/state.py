@@ -106,8 +106,6 @@ def grouped_state_terms(
     broadcastable to [B, Hkv, N, 1]. ``readers`` [B, Hkv, N, 1] bool: phi = 0 where False."""
     compute_dtype = torch.promote_types(grouped.dtype, torch.float32)
     features, offset = state_features(grouped, feature_map, kappa.shape[-1], compute_dtype)
-    if readers is not None:
-        features = features * readers.to(compute_dtype)
     # Matmuls against [Hkv, r, .] or per row [B, Hkv, r, .] broadcast over features
     # [B, Hkv, N, r]. (Not one matmul against [Z | kappa]: its cat copies the whole state on
     # every call; decoding, where the state is fixed, uses state_matrix instead.)
@@ -117,6 +115,13 @@ def grouped_state_terms(
         numer = (features @ z_a) @ z_b  # [B, Hkv, N, D]
     else:
         numer = features @ _as(z, compute_dtype)  # [B, Hkv, N, D]
+    if readers is not None:
+        # phi = 0 for the exempt queries, applied to the products (in place: a matmul's
+        # backward does not read its output) rather than to phi, whose masked copy autograd
+        # would keep beside phi itself for the matmuls' backward.
+        readers = readers.to(compute_dtype)
+        mass.mul_(readers)
+        numer.mul_(readers)
     if offset is not None:
         offset = _as(offset, compute_dtype)
     if state_log_scale is not None:
