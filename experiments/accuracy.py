@@ -77,7 +77,8 @@ class Scale:
 
 
 def run_one(task: str, variant: str, lr: float, seed: int, scale: Scale, runs: Path) -> dict:
-    from ntk_attention.train.loop import TrainConfig, train
+    from ntk_attention.train.config import TrainConfig
+    from ntk_attention.train.loop import train
 
     method, extra = VARIANTS[variant]
     output = runs / task / f"{variant}-lr{lr:g}-seed{seed}"

@@ -80,8 +80,9 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ntk_attention.models import smollm2_path
-    from ntk_attention.train.loop import TrainConfig, _warm_started_ntk
+    from ntk_attention.train.config import TrainConfig
     from ntk_attention.train.methods import MethodOptions, build_method
+    from ntk_attention.train.prepare import _warm_started_ntk
     from ntk_attention.train.tasks.wiki_lm import build
 
     splits = build(0)
@@ -132,10 +133,10 @@ def main() -> None:
 
     args.output.parent.mkdir(parents=True, exist_ok=True)
     command = "python " + shlex.join(sys.argv)
-    from ntk_attention.train.loop import environment
+    from ntk_attention.provenance import environment
 
     env = {"command": command, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-           "torch": torch.__version__, "threads": args.threads, **environment()}
+           "torch": torch.__version__, "threads": args.threads, **environment(command)}
     args.output.with_suffix(".json").write_text(
         json.dumps({"env": env, "base": base.tolist(), "records": records}, indent=1)
     )

@@ -27,11 +27,12 @@ BUCKETS = ((0, 1), (1, 2), (2, 4), (4, 16), (16, 63))  # predicting positions [s
 
 
 def load_run(run: Path):
-    """The trained model of a finished run and its prepared data (train.loop.prepare)."""
+    """The trained model of a finished run and its prepared data (train.prepare.prepare)."""
     from peft import PeftModel
 
     from ntk_attention import NTKModel
-    from ntk_attention.train.loop import TrainConfig, prepare
+    from ntk_attention.train.config import TrainConfig
+    from ntk_attention.train.prepare import prepare
 
     saved = json.loads((run / "results.json").read_text())["config"]
     config = TrainConfig(**{**saved, "output": str(run)})
@@ -49,7 +50,7 @@ def load_run(run: Path):
 @torch.no_grad()
 def position_nll(model, prepared, split: str = "test") -> torch.Tensor:
     """Mean NLL of predicting token t + 1 at each position t over the split's passages."""
-    from ntk_attention.train.loop import _pad
+    from ntk_attention.train.task_kinds import _pad
 
     rows = prepared.splits[split]
     length = max(len(r["input_ids"]) for r in rows)
@@ -78,7 +79,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     import transformers
 
-    from ntk_attention.train.loop import environment
+    from ntk_attention.provenance import environment
 
     transformers.logging.set_verbosity_error()
     records = []

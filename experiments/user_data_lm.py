@@ -70,7 +70,7 @@ def main() -> None:
 
     from ntk_attention.cli import main as cli
     from ntk_attention.models import smollm2_path
-    from ntk_attention.train.loop import environment
+    from ntk_attention.provenance import environment
 
     args.runs.mkdir(parents=True, exist_ok=True)
     data = args.runs / "stdlib_docstrings.jsonl"

@@ -76,7 +76,7 @@ VARIANTS: dict[str, tuple[str, float, dict]] = {
 
 
 def make_config(args: argparse.Namespace, variant: str, seed: int, **overrides):
-    from ntk_attention.train.loop import TrainConfig
+    from ntk_attention.train.config import TrainConfig
 
     method, lr, extra = VARIANTS[variant]
     fields = dict(
@@ -96,7 +96,8 @@ def step1_dir(config) -> Path:
 
 def train_variant(args: argparse.Namespace, variant: str, seed: int, keep_step1: bool) -> dict:
     """Train (or read back) one run; returns its results.json."""
-    from ntk_attention.train.loop import RESULTS, train
+    from ntk_attention.train.loop import train
+    from ntk_attention.train.run_folder import RESULTS
 
     config = make_config(args, variant, seed)
     output = Path(config.output)
@@ -294,7 +295,9 @@ def diagnose(args: argparse.Namespace, variant: str, seed: int) -> dict:
     from safetensors.torch import load_file
 
     from ntk_attention import NTKModel
-    from ntk_attention.train.loop import ADAPTER, KINDS, _load_model, prepare
+    from ntk_attention.train.prepare import _load_model, prepare
+    from ntk_attention.train.run_folder import ADAPTER
+    from ntk_attention.train.task_kinds import TASK_KINDS
 
     config = make_config(args, variant, seed)
     run = prepare(config)  # the test split, the collate function and an NTK model at init
@@ -310,7 +313,8 @@ def diagnose(args: argparse.Namespace, variant: str, seed: int) -> dict:
             for name, tensor in params.items():
                 named[name].copy_(tensor)
         out["step1"] = summarise(measure(run.model, run, args.images))
-    base = _load_model(run.task.kind, KINDS[run.task.kind], run.model_path, run.label_names, False)
+    base = _load_model(run.task.kind, TASK_KINDS[run.task.kind], run.model_path,
+                       run.label_names, False)
     trained = NTKModel.from_pretrained(base, Path(config.output) / ADAPTER)
     out["final"] = summarise(measure(trained, run, args.images))
     return out
@@ -438,7 +442,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
 
-    from ntk_attention.train.loop import environment
+    from ntk_attention.provenance import environment
 
     diagnosed = args.diagnose if args.diagnose is not None else [
         v for v in args.variants if VARIANTS[v][0] == "ntk"]

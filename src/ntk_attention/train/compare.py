@@ -17,9 +17,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..provenance import environment
 from .checkpoint import atomic_write_bytes, atomic_write_json
-from .loop import RunError, TrainConfig, environment, train
+from .config import RunError, TrainConfig
+from .loop import train
 from .methods import METHODS
+from .prepare import load_task_data
+from .run_folder import RESULTS, RUN_RECORDS, check_no_other_kind, check_output
 
 __all__ = ["compare", "format_table", "plot_comparison", "table_rows"]
 
@@ -127,8 +131,6 @@ def compare(
     """Train ``base`` with each of ``methods`` (each in ``output/<method>``; the learning rate
     is each method's default unless ``base.lr`` is set) and write the comparison files.
     Returns {"rows", "table", "runs", "files"}."""
-    from . import loop
-
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods or len(set(methods)) != len(methods):
         raise RunError(
@@ -140,10 +142,11 @@ def compare(
         for method in methods
     }
     # Every argument and output folder is checked before the first run starts.
+    check_no_other_kind(output, "compare", RunError)
     for config in configs.values():
-        if not (resume and (Path(config.output) / loop.RESULTS).is_file()):
-            loop.check_output(Path(config.output), config, resume)
-    task = loop.load_task_data(base)  # loaded once, shared by the runs
+        if not (resume and (Path(config.output) / RESULTS).is_file()):
+            check_output(Path(config.output), config, resume)
+    task = load_task_data(base)  # loaded once, shared by the runs
 
     runs: dict[str, dict[str, Any]] = {}
     for method, config in configs.items():
@@ -168,9 +171,9 @@ def compare(
     )
     atomic_write_bytes(output / "comparison.png", plot_comparison(runs, title))
     atomic_write_bytes(output / "comparison.md", markdown.encode())
-    atomic_write_json(output / "comparison.json", {
+    atomic_write_json(output / RUN_RECORDS["compare"], {
         "rows": rows,
-        "results": {m: str(Path(c.output) / loop.RESULTS) for m, c in configs.items()},
+        "results": {m: str(Path(c.output) / RESULTS) for m, c in configs.items()},
         "config": base.to_dict(),
         **environment(),
         "command": sys.argv,

@@ -77,11 +77,12 @@ class Distributed:
             loss.backward()
             return
         from ..ops.state import deferred_nonnegative_projection, project_nonnegative_grad
+        from ..tuner.state_access import kappa_parameters
 
         with deferred_nonnegative_projection():
             loss.backward()
-        for name, param in model.named_parameters():
-            if ".ntk_kappa." in name and param.requires_grad:
+        for param in kappa_parameters(model):
+            if param.requires_grad:
                 project_nonnegative_grad(param)
 
     def mean(self, value: torch.Tensor) -> torch.Tensor:

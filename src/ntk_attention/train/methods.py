@@ -109,7 +109,7 @@ class MethodOptions:
 
 
 # How NTK-Attention's state starts in the fine-tuning loop: at zero (the base model), or as the
-# exact cache of the first training tokens (decoders; train.loop._warm_started_ntk).
+# exact cache of the first training tokens (decoders; train.prepare._warm_started_ntk).
 NTK_INITS = ("zeros", "text")
 
 
@@ -121,7 +121,7 @@ class NTKDefaults:
     r: int | None  # None: the map's natural size
     lr: float
     gated: bool = False  # NTKConfig.gated: Z = diag(kappa) U
-    init: str = "zeros"  # one of NTK_INITS ("text": r training tokens, train.loop)
+    init: str = "zeros"  # one of NTK_INITS ("text": r training tokens, train.prepare)
 
 
 # Chosen per kind from the grids in docs/results/REPORT.md section 4 ("Defaults per kind"):

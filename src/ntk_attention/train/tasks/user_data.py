@@ -23,15 +23,18 @@ from pathlib import Path
 
 import datasets
 
+from ... import models
 from .base import DataError, Task, TaskSpec, limit_rows, split_indices
 
-__all__ = ["FORMATS", "USER_COLUMNS", "load_user_data", "user_task"]
+__all__ = ["DEFAULT_MODELS", "FORMATS", "USER_COLUMNS", "load_user_data", "user_task"]
 
 USER_COLUMNS: dict[str, tuple[str, ...]] = {
     "classification": ("text", "label"),
     "generation": ("prompt", "completion"),
     "causal-lm": ("text",),
 }
+# The offline model a user data file of each kind trains by default (models.MODEL_PATHS).
+DEFAULT_MODELS = {"classification": "minilm", "generation": "smollm2-135m", "causal-lm": "smollm2-135m"}
 _USER_METRICS = {
     "classification": ("accuracy", "macro_f1"),
     "generation": ("exact_match",),
@@ -187,7 +190,8 @@ def user_task(
 ) -> Task:
     """A ``Task`` over a user data file: seeded random train / validation / test splits with
     ``max(1, round(fraction * n))`` rows in each evaluation split (at least 3 rows needed).
-    It has no default model: the caller passes a model directory."""
+    Its default model is the kind's offline model (DEFAULT_MODELS); any other is passed as
+    a directory."""
     data = load_user_data(path, kind, label_names=label_names)
     n = len(data)
     if n < 3:
@@ -213,7 +217,7 @@ def user_task(
         description=f"user data from {path}",
         source=str(path),
         build=lambda _seed: splits,
-        default_model=None,
+        default_model=models.MODEL_PATHS[DEFAULT_MODELS[kind]],
         label_names=tuple(label_feature.names) if label_feature is not None else (),
         metric_names=_USER_METRICS[kind],
     )
