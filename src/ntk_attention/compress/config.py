@@ -19,9 +19,13 @@ import dataclasses
 import math
 from typing import Any
 
+from ..ops import FEATURE_MAPS as MAP_CLASSES
+from ..ops import FeatureMap
+
 __all__ = ["EXACT_HEADS_SHARE", "FEATURE_MAPS", "INITS", "CompressConfig", "CompressError"]
 
-# Feature maps a prompt can be compressed with, and the initialisation each uses by default.
+# Feature maps a prompt can be compressed with, and the initialisation each uses by default
+# (a policy table: what each map can do is asked of its class, ``_map_class``).
 FEATURE_MAPS = {"exp": "select", "elu": "zeros", "favor": "closed_form", "taylor": "closed_form"}
 # select: the prompt's own keys/values chosen by attention mass (exp only); closed_form:
 # Z = sum phi(k_i) v_i^T, kappa = sum phi(k_i) over the prompt; zeros: Z = 0, kappa = 0
@@ -34,6 +38,18 @@ EXACT_HEADS_SHARE = 0.4
 
 class CompressError(ValueError):
     """A prompt, prefix, model or setting that cannot be compressed (the message says why)."""
+
+
+def _map_class(name: str) -> type[FeatureMap]:
+    """The feature-map class of a registry name (ops.FEATURE_MAPS)."""
+    return MAP_CLASSES[name]
+
+
+def _keeps_exact_tokens(name: str) -> bool:
+    """Whether a state of feature map ``name`` can keep prompt tokens exactly (the sink): it
+    has virtual tokens, or the adapter appends them (elu -> "elu+exp")."""
+    cls = _map_class(name)
+    return cls.has_virtual_tokens or cls.virtual_token_variant is not None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,9 +108,10 @@ class CompressConfig:
             raise CompressError(
                 f"feature_map must be one of {sorted(FEATURE_MAPS)}, got {self.feature_map!r}"
             )
+        cls = _map_class(self.feature_map)  # what the map can do
         _positive_int("r", self.r, optional=True)
         _positive_int("rank", self.rank, optional=True)
-        if self.r is not None and self.feature_map in ("elu", "taylor"):
+        if self.r is not None and cls.fixed_r:
             raise CompressError(
                 f"feature_map {self.feature_map!r} fixes its own r (elu: head dim, taylor: "
                 f"1 + D + D^2); got r={self.r}: use feature_map 'exp' or 'favor' to choose r"
@@ -111,26 +128,26 @@ class CompressConfig:
             _non_negative_int("sink", self.sink)
         if self.init not in INITS:
             raise CompressError(f"init must be one of {INITS}, got {self.init!r}")
-        if self.resolved_init == "select" and self.feature_map != "exp":
+        if self.resolved_init == "select" and not cls.only_virtual_tokens():
             raise CompressError(
                 f"init 'select' copies prompt tokens into virtual tokens: it needs feature_map "
                 f"'exp', got {self.feature_map!r}"
             )
-        if self.resolved_init == "closed_form" and self.feature_map == "exp":
+        if self.resolved_init == "closed_form" and not cls.has_kernel_features:
             raise CompressError(
                 "init 'closed_form' is for kernel feature maps (elu, favor, taylor); with "
-                "feature_map 'exp' copy the prompt's tokens in with init 'select'"
+                f"feature_map {self.feature_map!r} copy the prompt's tokens in with init 'select'"
             )
         if self.exact_heads is not None:
             _non_negative_int("exact_heads", self.exact_heads)
-            if self.exact_heads and self.feature_map != "exp":
+            if self.exact_heads and not cls.only_virtual_tokens():
                 raise CompressError(
                     f"exact_heads keep prompt tokens as exponential features: they need "
                     f"feature_map 'exp', got {self.feature_map!r}"
                 )
             if self.exact_heads and self.rank is not None:
                 raise CompressError("exact_heads need a dense Z: use rank=None with exact_heads")
-        if self.feature_map in ("favor", "taylor") and self.resolved_sink:
+        if self.resolved_sink and not _keeps_exact_tokens(self.feature_map):
             raise CompressError(
                 f"an exact sink needs exponential features: use sink=0 with feature_map "
                 f"{self.feature_map!r} (or feature_map 'exp' / 'elu')"
@@ -159,11 +176,11 @@ class CompressConfig:
     def resolved_sink(self) -> int:
         if self.sink is not None:
             return self.sink
-        return 1 if self.feature_map in ("exp", "elu") else 0
+        return 1 if _keeps_exact_tokens(self.feature_map) else 0
 
     def exact_head_count(self, heads: int) -> int:
         """How many of ``heads`` KV heads (layers x Hkv) keep the whole prefix exactly."""
-        if self.feature_map != "exp":
+        if not _map_class(self.feature_map).only_virtual_tokens():
             return 0
         if self.exact_heads is not None:
             return min(self.exact_heads, heads)

@@ -16,12 +16,18 @@ from __future__ import annotations
 import torch
 
 from ..ops import get_feature_map, nonnegative, ntk_attention
-from ..tuner import NTKModel
-from ..tuner.layer import STATE_ATTR
+from ..tuner import NTKModel, read_state, write_state
 from .config import CompressError
 from .teacher import DistillData, attention_layers
 
 __all__ = ["distil_end_to_end", "distil_layers", "layer_losses"]
+
+# State fields (tuner.state_access) the stack treats apart: the exact heads' kept tokens (left
+# out), the virtual tokens (stacked into the stack's own feature map) and the map's other
+# tensors (``feature_map.<key>``).
+_EXACT = ("exact_keys", "exact_values")
+_VIRTUAL = ("virtual_keys", "virtual_bias")
+_FEATURE_MAP = "feature_map."
 
 
 def _relative_errors(
@@ -50,7 +56,7 @@ class _StackedState(torch.nn.Module):
         layers, g = attention_layers(ntk.base_model)
         self.layers, self.geometry = len(layers), g
         self.adapter_name = adapter_name
-        self.states = [module._modules[STATE_ATTR] for _, module in layers]
+        self.modules_with_state = [module for _, module in layers]
         config = ntk.peft_config[adapter_name]
         heads = self.layers * g.kv_heads
         self.feature_map = get_feature_map(
@@ -62,15 +68,19 @@ class _StackedState(torch.nn.Module):
             self.exact[layer, head] = True
         self.exact = self.exact.reshape(-1)
         per_layer = [
-            {k: t for k, t in s.adapter_tensors(adapter_name).items() if not k.startswith("ntk_exact_")}
-            for s in self.states
+            {k: t for k, t in read_state(module, adapter_name).items() if k not in _EXACT}
+            for module in self.modules_with_state
         ]
         self.tensors = torch.nn.ParameterDict()
+        virtual = self._virtual_tensors()
         with torch.no_grad():
             for key in per_layer[0]:
                 stacked = torch.stack([t[key] for t in per_layer]).float()
-                if key.startswith("ntk_feature_map."):
-                    name = key.removeprefix("ntk_feature_map.")
+                if key in _VIRTUAL:  # per KV head: layer l's head h is stacked head l * Hkv + h
+                    target = virtual[key]
+                    target.copy_(stacked.reshape(target.shape))
+                elif key.startswith(_FEATURE_MAP):
+                    name = key.removeprefix(_FEATURE_MAP)
                     if name in dict(self.feature_map.named_parameters()):
                         target = self.feature_map.get_parameter(name)
                         if stacked.shape[1] != g.kv_heads:
@@ -85,33 +95,36 @@ class _StackedState(torch.nn.Module):
                     self.tensors[key] = torch.nn.Parameter(
                         stacked.reshape(heads, *stacked.shape[2:])
                     )
-        self.feature_map.to(per_layer[0]["ntk_kappa"].device)
+        self.feature_map.to(per_layer[0]["kappa"].device)
+
+    def _virtual_tensors(self) -> dict[str, torch.Tensor]:
+        """The stacked map's virtual-token tensors by state field (none for a kernel map)."""
+        tensors = self.feature_map.virtual_token_tensors()
+        return {} if tensors is None else dict(zip(_VIRTUAL, tensors, strict=True))
 
     def forward(self, q, k, v, implementation: str = "fused") -> torch.Tensor:
         t = self.tensors
-        z = t["ntk_z"] if "ntk_z" in t else (t["ntk_z_a"], t["ntk_z_b"])
+        z = t["z"] if "z" in t else (t["z_a"], t["z_b"])
         return ntk_attention(
-            q, k, v, z, nonnegative(t["ntk_kappa"]),
+            q, k, v, z, nonnegative(t["kappa"]),
             feature_map=self.feature_map, is_causal=True, scale=self.geometry.scale,
-            state_log_scale=t.get("ntk_log_scale", None),
+            state_log_scale=t.get("log_scale", None),
             implementation=implementation,
         )
 
     @torch.no_grad()
     def write_back(self) -> None:
-        """Copy the trained stack into the layers' states."""
-        feature_params = dict(self.feature_map.named_parameters())
-        for layer, state in enumerate(self.states):
-            params = state.adapter_parameters(self.adapter_name)
-            for key, param in params.items():
-                if key.startswith("ntk_exact_"):
-                    continue
-                if key.startswith("ntk_feature_map."):
-                    source = feature_params[key.removeprefix("ntk_feature_map.")]
-                else:
-                    source = self.tensors[key]
-                per_layer = source.reshape(self.layers, *param.shape)[layer]
-                param.copy_(per_layer.to(param))
+        """Copy the trained stack into the layers' states (its buffers, the same in every
+        layer and never trained, are left as they are)."""
+        trained: dict[str, torch.Tensor] = dict(self.tensors.items())
+        trained.update(self._virtual_tensors())
+        for name, param in self.feature_map.named_parameters():
+            if not any(param is t for t in trained.values()):
+                trained[_FEATURE_MAP + name] = param
+        for layer, module in enumerate(self.modules_with_state):
+            # [layers * Hkv, ...] -> layer's [Hkv, ...]
+            per_layer = {k: t.unflatten(0, (self.layers, -1))[layer] for k, t in trained.items()}
+            write_state(module, self.adapter_name, per_layer)
 
 
 def layer_losses(ntk: NTKModel, data: DistillData, adapter_name: str = "default") -> torch.Tensor:

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..ops import FEATURE_MAPS as MAP_CLASSES
 from ..tuner import NTKModel, get_ntk_model
 from .config import CompressConfig, CompressError
 from .distill import distil_end_to_end, distil_layers
@@ -259,9 +260,13 @@ def compress_prefix(
     ntk = get_ntk_model(model, ntk_config)
     try:
         kept = initialise(ntk, prefix, config, data.mass)
-        # Every prefix token copied into exp features: the state is the prefix, exactly.
-        # Training it could only add Adam's lr-sized steps on gradients of rounding noise.
-        exact = ntk_config.feature_map == "exp" and kept.shape[-1] == prefix.length
+        # Every prefix token copied into virtual tokens of a map made of nothing else: the
+        # state is the prefix, exactly. Training it could only add Adam's lr-sized steps on
+        # gradients of rounding noise.
+        exact = (
+            MAP_CLASSES[ntk_config.feature_map].only_virtual_tokens()
+            and kept.shape[-1] == prefix.length
+        )
         timings["initialise"] = time.perf_counter() - mark
         mark = time.perf_counter()
         layer_losses = []

@@ -28,9 +28,10 @@ import math
 
 import torch
 
-from ..ops import EluFeatureMap, prefix_to_state
-from ..tuner import NTKConfig, NTKModel
-from ..tuner.layer import STATE_ATTR, Geometry, NTKState
+from ..ops import FEATURE_MAPS as MAP_CLASSES
+from ..ops import prefix_to_state
+from ..tuner import NTKConfig, NTKModel, NTKState, adapter_feature_map, read_state, write_state
+from ..tuner.layer import Geometry
 from .config import CompressConfig, CompressError
 from .select import by_mass
 from .teacher import PrefixKV, attention_layers
@@ -70,12 +71,14 @@ def ntk_config_for(
     base = {"position_offset": prefix.position_offset, "seed": seed, "sink_tokens": 0}
     if exact_heads:  # NTKConfig checks they fit the feature map
         base.update(exact_heads=tuple(exact_heads), exact_tokens=m)
-    if config.feature_map == "elu":
-        name, r = ("elu+exp", g.head_dim + sink) if sink else ("elu", None)
-    elif config.feature_map == "exp" and config.r is None and config.memory_fraction is None:
-        name, r = "exp", m  # no limit: every prompt token (the exact prefix)
-    else:
-        name, r = config.feature_map, config.r
+    name, r = config.feature_map, config.r
+    cls = MAP_CLASSES[name]
+    if sink and not cls.has_virtual_tokens and cls.virtual_token_variant is not None:
+        # elu: its D features, then the sink tokens as virtual tokens ("elu+exp")
+        name, r = cls.virtual_token_variant, cls.resolve_r(g.head_dim) + sink
+    elif cls.only_virtual_tokens() and r is None and config.memory_fraction is None:
+        r = m  # no limit: every prompt token (the exact prefix)
+    cls = MAP_CLASSES[name]
     budget = None
     if config.memory_fraction is not None:
         budget = int(config.memory_fraction * prefix.kv_cache_numel())
@@ -91,15 +94,19 @@ def ntk_config_for(
                 f"({budget:,} = memory_fraction={config.memory_fraction}): lower exact_heads or "
                 "raise memory_fraction"
             )
-    if budget is not None and r is None and name in ("exp", "favor"):
+    if budget is not None and r is None and not cls.fixed_r:  # r is the size to fit
         r = _largest(lambda value: size(r=value), budget, f"one {name} feature")
-        if name == "exp" and r < sink:
+        slots = len(cls.virtual_token_slots(g.head_dim, r))
+        if cls.has_virtual_tokens and slots < sink:
             raise CompressError(
-                f"memory_fraction={config.memory_fraction} leaves room for {r} virtual tokens, "
-                f"fewer than sink={sink}: raise memory_fraction or lower sink"
+                f"memory_fraction={config.memory_fraction} leaves room for {slots} virtual "
+                f"tokens, fewer than sink={sink}: raise memory_fraction or lower sink"
             )
     rank = config.rank
-    if budget is not None and rank is None and name in ("elu", "elu+exp") and size() > budget:
+    # Compression's sizing rule for the ELU state (CompressConfig's docstring): its r is the
+    # head dim, so a low-rank Z is what fits it to the budget. Taylor's r = 1 + D + D^2 is left
+    # dense and reported as too large below, so this is a choice about elu, not a capability.
+    if budget is not None and rank is None and config.feature_map == "elu" and size() > budget:
         rank = _largest(lambda value: size(rank=value), budget, "a rank-1 Z")
     ntk_config = NTKConfig(feature_map=name, r=r, rank=rank, **base)
     total = adapter_numel(ntk_config, g, layers)
@@ -142,15 +149,16 @@ def initialise(
     layers, g = attention_layers(ntk.base_model)
     ntk_config = ntk.peft_config[adapter_name]
     name = ntk_config.feature_map
+    cls = MAP_CLASSES[name]
     r = ntk_config.resolve_r(g.head_dim)
     init, sink, m = config.resolved_init, config.resolved_sink, prefix.length
     if len(layers) != prefix.layers:
         raise CompressError(f"the prefix has {prefix.layers} layers, the model {len(layers)}")
 
-    exact_slots = {"exp": (0, r), "elu+exp": (g.head_dim, r)}.get(name, (0, 0))
-    slot_count = exact_slots[1] - exact_slots[0]
+    slots = cls.virtual_token_slots(g.head_dim, r)  # where exactly kept tokens go
+    slot_count = len(slots)
     if selection is None:
-        if name == "exp" and init == "select":
+        if cls.only_virtual_tokens() and init == "select":
             if mass is None:
                 raise CompressError("init 'select' needs the attention mass of the prompt's tokens")
             selection = by_mass(mass, slot_count, sink)
@@ -164,32 +172,32 @@ def initialise(
         )
 
     for layer, (_, module) in enumerate(layers):
-        state: NTKState = module._modules[STATE_ATTR]
-        params = state.adapter_parameters(adapter_name)
+        current = read_state(module, adapter_name)
         keys = prefix.keys[layer].float().cpu()  # [Hkv, m, D]
         values = prefix.values[layer].float().cpu()
         z = torch.zeros(g.kv_heads, r, g.head_dim)
         kappa = torch.zeros(g.kv_heads, r)
-        if init == "closed_form":
-            if name in ("elu", "elu+exp"):
-                rest = torch.arange(selection.shape[-1], m) if name == "elu+exp" else torch.arange(m)
-                elu = EluFeatureMap(g.head_dim, scale=g.scale)
-                z_elu, kappa_elu = prefix_to_state(keys[:, rest], values[:, rest], elu)
-                z[:, : g.head_dim], kappa[:, : g.head_dim] = z_elu, kappa_elu
-            else:
-                phi = copy.deepcopy(state.ntk_feature_map[adapter_name]).cpu().float()
-                z, kappa = prefix_to_state(keys, values, phi)
+        kernel = adapter_feature_map(module, adapter_name).kernel_map()
+        if init == "closed_form" and kernel is not None:
+            # The kernel features (the first kernel.r) over the tokens not kept exactly in
+            # virtual tokens (those come first; none for a map without virtual tokens).
+            phi = copy.deepcopy(kernel).cpu().float()
+            rest = slice(selection.shape[-1], m)
+            z_kernel, kappa_kernel = prefix_to_state(keys[:, rest], values[:, rest], phi)
+            z[:, : phi.r], kappa[:, : phi.r] = z_kernel, kappa_kernel
         index = selection[layer].cpu()  # [Hkv, n]
         n = index.shape[-1]
+        virtual = {}
         if n:
             gather = index.unsqueeze(-1).expand(-1, -1, g.head_dim)
-            start = exact_slots[0]
+            start = slots.start
             z[:, start : start + n] = values.gather(1, gather)
             kappa[:, start : start + n] = 1.0
-            prefix_name = "ntk_feature_map." + ("exp." if name == "elu+exp" else "")
-            weight, bias = params[prefix_name + "weight"], params[prefix_name + "bias"]
+            weight = current["virtual_keys"]
             weight[:, :n] = keys.gather(1, gather).to(weight)
-            bias.zero_()
+            virtual = {
+                "virtual_keys": weight, "virtual_bias": torch.zeros_like(current["virtual_bias"])
+            }
         heads = ntk_config.exact_heads_of(layer)
         if heads:
             if ntk_config.exact_tokens != m:
@@ -198,18 +206,17 @@ def initialise(
                     f"has {m}"
                 )
             index = torch.tensor(heads)
-            params["ntk_exact_keys"].copy_(keys[index].to(params["ntk_exact_keys"]))
-            params["ntk_exact_values"].copy_(values[index].to(params["ntk_exact_values"]))
+            write_state(module, adapter_name, exact_keys=keys[index], exact_values=values[index])
             z[index], kappa[index] = 0.0, 0.0  # their virtual tokens start empty
-        _write_z(params, z, ntk_config, seed=ntk_config.seed * 7919 + layer)
-        params["ntk_kappa"].copy_(kappa.to(params["ntk_kappa"]))
+        z_fields = _z_fields(current, z, ntk_config, seed=ntk_config.seed * 7919 + layer)
+        write_state(module, adapter_name, {**virtual, **z_fields}, kappa=kappa)
     return selection
 
 
-def _write_z(params: dict, z: torch.Tensor, config: NTKConfig, seed: int) -> None:
-    if "ntk_z" in params:
-        params["ntk_z"].copy_(z.to(params["ntk_z"]))
-        return
+def _z_fields(current: dict, z: torch.Tensor, config: NTKConfig, seed: int) -> dict:
+    """The state fields that set Z: dense ``z``, or ``z_a``/``z_b`` by a truncated SVD."""
+    if "z" in current:
+        return {"z": z}
     rank = config.rank
     u, s, vh = torch.linalg.svd(z.double(), full_matrices=False)  # [H, r, k], [H, k], [H, k, D]
     u, s, vh = u[..., :rank], s[..., :rank], vh[..., :rank, :]
@@ -226,5 +233,4 @@ def _write_z(params: dict, z: torch.Tensor, config: NTKConfig, seed: int) -> Non
     noise = torch.randn(z_a.shape, generator=generator, dtype=torch.float64) / math.sqrt(z.shape[1])
     z_a = torch.where(dead.unsqueeze(-2), noise, z_a)
     z_b = torch.where(dead.unsqueeze(-1), torch.zeros_like(z_b), z_b)
-    params["ntk_z_a"].copy_(z_a.to(params["ntk_z_a"]))
-    params["ntk_z_b"].copy_(z_b.to(params["ntk_z_b"]))
+    return {"z_a": z_a, "z_b": z_b}

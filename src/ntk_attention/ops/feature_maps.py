@@ -29,12 +29,17 @@ Registry (``FEATURE_MAPS``), selected by name with :func:`get_feature_map`:
 
 Queries reach a feature map grouped by KV head, shaped [B, Hkv, G * Lq, D], so a map with
 per-head parameters can rely on dimension 1 being the KV head.
+
+What a map can do is stated on its class (``FEATURE_MAPS[name].trainable`` and so on: see
+:class:`FeatureMap`), so the ops, the adapter's config and prompt compression ask the class
+instead of comparing names.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -56,9 +61,30 @@ __all__ = [
 
 
 class FeatureMap(nn.Module):
-    """Base class: maps [..., D] to r features [..., r]."""
+    """Base class: maps [..., D] to r features [..., r].
+
+    The features are laid out as k leading *kernel features* (a fixed function of x: ELU,
+    FAVOR+, Taylor; their state over keys has the closed form sum_i phi(k_i) v_i^T) followed by
+    r - k *virtual tokens* exp(s x.W_i + b_i) with trainable keys W [Hkv, n, D] and biases
+    b [Hkv, n] (:meth:`virtual_token_tensors`). What a class can do, read through the registry
+    (``FEATURE_MAPS[name].needs_r``) by the ops, NTKConfig and prompt compression, follows.
+    """
 
     r: int
+
+    #: Has parameters of its own: a name alone does not say what the map is (the ops refuse
+    #: the name and want the module).
+    trainable: ClassVar[bool] = False
+    #: Has no natural feature dimension: r must be given (:meth:`resolve_r` raises without it).
+    needs_r: ClassVar[bool] = False
+    #: r is set by the head dim alone (:meth:`resolve_r` refuses any other r).
+    fixed_r: ClassVar[bool] = False
+    #: Some features are kernel features (a fixed function of x, closed form over keys).
+    has_kernel_features: ClassVar[bool] = True
+    #: Some features are virtual tokens exp(s x.W_i + b_i) (:meth:`virtual_token_tensors`).
+    has_virtual_tokens: ClassVar[bool] = False
+    #: Registry name of this map with virtual tokens appended (elu -> "elu+exp"), or None.
+    virtual_token_variant: ClassVar[str | None] = None
 
     def __init__(self, head_dim: int, r: int, scale: float | None = None) -> None:
         super().__init__()
@@ -69,6 +95,40 @@ class FeatureMap(nn.Module):
         self.head_dim = head_dim
         self.r = r
         self.scale = float(scale) if scale is not None else 1.0 / math.sqrt(head_dim)
+
+    @classmethod
+    def resolve_r(
+        cls, head_dim: int, r: int | None = None, *, head_dim_name: str = "head_dim"
+    ) -> int:
+        """The feature dimension the constructor gives this map for ``head_dim`` when asked for
+        ``r`` (None: the natural r); raises the constructor's ValueError for an r it refuses.
+        ``head_dim_name`` is how the message names the head dim. That head_dim and r are
+        positive is checked by FeatureMap's constructor, not here."""
+        if r is None:
+            raise ValueError(f"feature_map {cls.__name__} needs the feature dimension r")
+        return r
+
+    @classmethod
+    def only_virtual_tokens(cls) -> bool:
+        """Every feature is a virtual token (no kernel features): the state *is* attention over
+        r trained tokens, so a token can be copied in (or joined as one more feature) exactly."""
+        return cls.has_virtual_tokens and not cls.has_kernel_features
+
+    @classmethod
+    def virtual_token_slots(cls, head_dim: int, r: int) -> range:
+        """Which of the r features are virtual tokens (the kernel features come before them);
+        empty for a map without any."""
+        return range(r, r)
+
+    def kernel_map(self) -> FeatureMap | None:
+        """The module that computes the leading kernel features (``self`` when every feature
+        is one), or None when there are none."""
+        return self if self.has_kernel_features else None
+
+    def virtual_token_tensors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The virtual tokens' keys W [Hkv, n, D] and biases b [Hkv, n] (the tensors the map
+        reads, not copies), or None for a map without virtual tokens."""
+        return None
 
     def log_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (phi(x) * e^{-offset}, offset) with offset [..., 1]. Default: offset 0."""
@@ -82,11 +142,23 @@ class FeatureMap(nn.Module):
 class EluFeatureMap(FeatureMap):
     """phi(x) = ELU(x * sqrt(scale)) + 1 (the paper's map; r = head_dim)."""
 
+    fixed_r = True
+    virtual_token_variant = "elu+exp"
+
     def __init__(self, head_dim: int, r: int | None = None, scale: float | None = None) -> None:
-        if r is not None and r != head_dim:
-            raise ValueError(f"feature_map 'elu' has r = head_dim = {head_dim}, got r={r}")
-        super().__init__(head_dim, head_dim, scale)
+        super().__init__(head_dim, type(self).resolve_r(head_dim, r), scale)
         self.multiplier = math.sqrt(self.scale)  # phi(x) = ELU(multiplier x) + 1
+
+    @classmethod
+    def resolve_r(
+        cls, head_dim: int, r: int | None = None, *, head_dim_name: str = "head_dim"
+    ) -> int:
+        if r is not None and r != head_dim:
+            raise ValueError(
+                f"feature_map 'elu' has r = {head_dim_name} = {head_dim}, got r={r} "
+                "(use feature_map='favor' or 'exp' for another r)"
+            )
+        return head_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # ELU(x) + 1 = e^min(x, 0) + relu(x): F.elu(x) + 1 (or aten's one-op elu with scales)
@@ -137,10 +209,16 @@ class FavorFeatureMap(FeatureMap):
     def __init__(
         self, head_dim: int, r: int | None = None, scale: float | None = None, seed: int = 0
     ) -> None:
-        r = head_dim if r is None else r
+        r = type(self).resolve_r(head_dim, r)
         super().__init__(head_dim, r, scale)
         self.seed = seed
         self.register_buffer("projection", _orthogonal_gaussian(r, head_dim, seed))
+
+    @classmethod
+    def resolve_r(
+        cls, head_dim: int, r: int | None = None, *, head_dim_name: str = "head_dim"
+    ) -> int:
+        return head_dim if r is None else r
 
     def _log_phi(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(torch.promote_types(x.dtype, torch.float32))
@@ -168,6 +246,11 @@ class ExpFeatureMap(FeatureMap):
     ``log_forward`` subtracts the per-query max of the exponent, so nothing overflows.
     """
 
+    trainable = True
+    needs_r = True
+    has_kernel_features = False
+    has_virtual_tokens = True
+
     def __init__(
         self,
         head_dim: int,
@@ -176,14 +259,28 @@ class ExpFeatureMap(FeatureMap):
         kv_heads: int = 1,
         seed: int = 0,
     ) -> None:
-        if r is None:
-            raise ValueError("feature_map 'exp' needs the number of features r")
+        r = type(self).resolve_r(head_dim, r)
         super().__init__(head_dim, r, scale)
         if kv_heads <= 0:
             raise ValueError(f"kv_heads must be positive, got {kv_heads}")
         generator = torch.Generator().manual_seed(seed)
         self.weight = nn.Parameter(torch.randn(kv_heads, r, head_dim, generator=generator))
         self.bias = nn.Parameter(torch.zeros(kv_heads, r))
+
+    @classmethod
+    def resolve_r(
+        cls, head_dim: int, r: int | None = None, *, head_dim_name: str = "head_dim"
+    ) -> int:
+        if r is None:
+            raise ValueError("feature_map 'exp' needs the number of features r")
+        return r
+
+    @classmethod
+    def virtual_token_slots(cls, head_dim: int, r: int) -> range:
+        return range(0, r)
+
+    def virtual_token_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.weight, self.bias
 
     def _exponent(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 3 or x.shape[-3] != self.weight.shape[0]:
@@ -210,6 +307,8 @@ class ExpFeatureView(ExpFeatureMap):
     and bias [Hkv, r] (entries of -inf give phi = 0). Built per call, e.g. by the adapter to
     join kept prompt tokens to the trained virtual tokens; gradients flow to the tensors."""
 
+    trainable = False  # it owns no parameters (its tensors are someone else's)
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, scale: float) -> None:
         FeatureMap.__init__(self, weight.shape[-1], weight.shape[-2], scale)
         if bias.shape != weight.shape[:-1]:
@@ -230,6 +329,10 @@ class EluExpFeatureMap(FeatureMap):
     ``log_forward`` shares one offset, max(0, largest exponent), between both parts.
     """
 
+    trainable = True
+    needs_r = True
+    has_virtual_tokens = True
+
     def __init__(
         self,
         head_dim: int,
@@ -238,14 +341,31 @@ class EluExpFeatureMap(FeatureMap):
         kv_heads: int = 1,
         seed: int = 0,
     ) -> None:
-        if r is None or r <= head_dim:
-            raise ValueError(
-                f"feature_map 'elu+exp' has r = head_dim + n exponential features, so it needs "
-                f"r > head_dim = {head_dim}, got r={r}"
-            )
+        r = type(self).resolve_r(head_dim, r)
         super().__init__(head_dim, r, scale)
         self.elu = EluFeatureMap(head_dim, scale=self.scale)
         self.exp = ExpFeatureMap(head_dim, r - head_dim, self.scale, kv_heads=kv_heads, seed=seed)
+
+    @classmethod
+    def resolve_r(
+        cls, head_dim: int, r: int | None = None, *, head_dim_name: str = "head_dim"
+    ) -> int:
+        if r is None or r <= head_dim:
+            raise ValueError(
+                f"feature_map 'elu+exp' has r = {head_dim_name} + n exponential features, so it "
+                f"needs r > {head_dim_name} = {head_dim}, got r={r}"
+            )
+        return r
+
+    @classmethod
+    def virtual_token_slots(cls, head_dim: int, r: int) -> range:
+        return range(head_dim, r)  # after the D ELU features
+
+    def kernel_map(self) -> FeatureMap:
+        return self.elu
+
+    def virtual_token_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.exp.weight, self.exp.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         exp_part = self.exp(x)
@@ -261,14 +381,22 @@ class EluExpFeatureMap(FeatureMap):
 class TaylorFeatureMap(FeatureMap):
     """phi(x) = [1, sqrt(s) x, s vec(x x^T) / sqrt(2)]; r = 1 + D + D^2."""
 
+    fixed_r = True
+
     def __init__(self, head_dim: int, r: int | None = None, scale: float | None = None) -> None:
+        super().__init__(head_dim, type(self).resolve_r(head_dim, r), scale)
+
+    @classmethod
+    def resolve_r(
+        cls, head_dim: int, r: int | None = None, *, head_dim_name: str = "head_dim"
+    ) -> int:
         full = 1 + head_dim + head_dim * head_dim
         if r is not None and r != full:
             raise ValueError(
-                f"feature_map 'taylor' has r = 1 + D + D^2 = {full} for head_dim={head_dim}, "
-                f"got r={r}"
+                f"feature_map 'taylor' has r = 1 + D + D^2 = {full} for {head_dim_name}="
+                f"{head_dim}, got r={r}"
             )
-        super().__init__(head_dim, full, scale)
+        return full
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         root = math.sqrt(self.scale)

@@ -8,10 +8,7 @@ from collections.abc import Callable
 
 import torch
 
-from .feature_maps import FeatureMap, get_feature_map
-
-# Named maps with parameters: a name alone cannot say what their values are.
-TRAINABLE_MAPS = frozenset({"exp", "elu+exp"})
+from .feature_maps import FEATURE_MAPS, FeatureMap, get_feature_map
 
 __all__ = ["check_mask", "check_qkv", "check_state", "resolve_feature_map"]
 
@@ -123,7 +120,8 @@ def resolve_feature_map(
 ) -> FeatureMap:
     """A FeatureMap for this call, built once per (name, shape, scale, device) for names."""
     if isinstance(feature_map, str):
-        if feature_map in TRAINABLE_MAPS:
+        # A map with parameters of its own: a name alone cannot say what their values are.
+        if feature_map in FEATURE_MAPS and FEATURE_MAPS[feature_map].trainable:
             raise ValueError(
                 f"feature_map {feature_map!r} has trainable parameters: build it with "
                 f"get_feature_map({feature_map!r}, head_dim, r=..., kv_heads=...) and pass the "

@@ -1,8 +1,8 @@
 """The NTK-Attention adapter for transformers models, in PEFT's conventions: a config
 (config.py), what is attached to one attention module (layer.py), the attention function
 transformers calls (attention.py), the model wrapper (model.py), the file format
-(save_load.py), the Hub (hub.py) and what PEFT's loaders say of an NTK folder
-(peft_interop.py)."""
+(save_load.py), the Hub (hub.py), what PEFT's loaders say of an NTK folder
+(peft_interop.py), and reading/writing a layer's state from outside (state_access.py)."""
 
 from . import peft_interop
 from .attention import FAMILIES
@@ -12,6 +12,13 @@ from .layer import ModulesToSaveWrapper, NTKState
 from .model import NTKModel, get_ntk_model
 from .routing import BASE_ADAPTER
 from .save_load import AdapterLoadError
+from .state_access import (
+    adapter_feature_map,
+    kappa_parameters,
+    layer_state,
+    read_state,
+    write_state,
+)
 
 peft_interop.install()
 
@@ -25,5 +32,10 @@ __all__ = [
     "NTKModel",
     "NTKState",
     "UnsupportedModelError",
+    "adapter_feature_map",
     "get_ntk_model",
+    "kappa_parameters",
+    "layer_state",
+    "read_state",
+    "write_state",
 ]

@@ -21,9 +21,6 @@ INITS = ("zeros", "normal")
 # The op paths ("auto" follows the base model: its sdpa kernel -> "lse", eager -> "naive").
 IMPLEMENTATIONS = ("auto", "lse", "fused", "naive")
 
-# Maps whose feature dimension is fixed by the head dim (r = None means "the natural r").
-_NEEDS_R = frozenset({"exp", "elu+exp"})
-
 
 @dataclasses.dataclass(frozen=True)
 class NTKConfig:
@@ -121,7 +118,7 @@ class NTKConfig:
             )
         _check_positive_int("r", self.r, optional=True)
         _check_positive_int("rank", self.rank, optional=True)
-        if self.feature_map in _NEEDS_R and self.r is None:
+        if FEATURE_MAPS[self.feature_map].needs_r and self.r is None:
             raise ValueError(f"feature_map {self.feature_map!r} needs the feature dimension r")
         if self.target_layers is not None:
             if not self.target_layers:
@@ -188,7 +185,11 @@ class NTKConfig:
         if len(set(heads)) != len(heads):
             raise ValueError(f"exact_heads has duplicates: {heads!r}")
         _check_positive_int("exact_tokens", self.exact_tokens, optional=False)
-        if self.feature_map != "exp":
+        from ..ops import FEATURE_MAPS
+
+        # The kept tokens join the map's virtual tokens as more of them (NTKState reads them
+        # through an ExpFeatureView), which needs a map made of virtual tokens only.
+        if not FEATURE_MAPS[self.feature_map].only_virtual_tokens():
             raise ValueError(
                 f"exact_heads keep tokens as exponential features: they need feature_map 'exp', "
                 f"got {self.feature_map!r}"
@@ -206,21 +207,11 @@ class NTKConfig:
         return tuple(sorted(head for layer, head in self.exact_heads if layer == layer_index))
 
     def resolve_r(self, head_dim: int) -> int:
-        """The feature dimension for a layer whose head dim is ``head_dim``."""
-        if self.feature_map == "taylor":
-            full = 1 + head_dim + head_dim * head_dim
-            if self.r is not None and self.r != full:
-                raise ValueError(
-                    f"feature_map 'taylor' has r = 1 + D + D^2 = {full} for head dim {head_dim}, "
-                    f"got r={self.r}"
-                )
-            return full
-        if self.feature_map == "elu" and self.r is not None and self.r != head_dim:
-            raise ValueError(
-                f"feature_map 'elu' has r = head dim = {head_dim}, got r={self.r} "
-                "(use feature_map='favor' or 'exp' for another r)"
-            )
-        return head_dim if self.r is None else self.r
+        """The feature dimension for a layer whose head dim is ``head_dim``: the r the feature
+        map's constructor will use (its class's ``resolve_r``), raising what it would raise."""
+        from ..ops import FEATURE_MAPS
+
+        return FEATURE_MAPS[self.feature_map].resolve_r(head_dim, self.r, head_dim_name="head dim")
 
     def replace(self, **changes: Any) -> NTKConfig:
         """A copy with ``changes`` applied (validated again); this config is left as it is."""

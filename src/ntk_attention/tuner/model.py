@@ -49,6 +49,7 @@ from .routing import (
 from .save_load import (
     AdapterLoadError,
     base_tensors_for_fingerprint,
+    check_base_architecture,
     check_base_record,
     check_tensors,
     full_tensor,
@@ -517,7 +518,8 @@ class NTKModel(PeftModel):
         from .hub import resolve_adapter_dir
 
         model_id = resolve_adapter_dir(model_id, revision)
-        config, _ = read_adapter_config(model_id)
+        config, saved_record = read_adapter_config(model_id)
+        check_base_architecture(saved_record, model, model_id)
         ntk = cls(model, config, adapter_name)
         try:
             ntk._load_into(model_id, adapter_name, config, check_base_weights)
@@ -543,7 +545,8 @@ class NTKModel(PeftModel):
         from .hub import resolve_adapter_dir
 
         model_id = resolve_adapter_dir(model_id)
-        config, _ = read_adapter_config(model_id)
+        config, saved_record = read_adapter_config(model_id)
+        check_base_architecture(saved_record, self.base_model, model_id)
         if adapter_name in self.peft_config:
             if config != self.peft_config[adapter_name]:
                 raise AdapterLoadError(

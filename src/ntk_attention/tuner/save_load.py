@@ -130,6 +130,11 @@ def read_adapter_config(directory: str | os.PathLike) -> tuple[NTKConfig, dict[s
         raise AdapterLoadError(f"{path} is not valid JSON: {err}") from err
     if not isinstance(document, dict):
         raise AdapterLoadError(f"{path} must hold a JSON object, got {type(document).__name__}")
+    if "peft_type" not in document:
+        raise AdapterLoadError(
+            f"{path} has no peft_type, so it is not an adapter's config (an NTK-Attention "
+            f"adapter's says peft_type {PEFT_TYPE!r}; save one with NTKModel.save_pretrained)"
+        )
     if document.get("peft_type") != PEFT_TYPE:
         hint = (
             ": load it with peft.PeftModel.from_pretrained(base_model, directory)"
@@ -266,6 +271,18 @@ def base_tensors_for_fingerprint(
         ):
             out.append(("input_embeddings", embeddings.weight))
     return out
+
+
+def check_base_architecture(saved: dict[str, Any], model: nn.Module, directory: str | os.PathLike) -> None:
+    """Raise when the adapter was saved on another model class (e.g. a SmolLM2 adapter given a
+    BERT model): checked before the adapter is built, whose own checks (layers, heads) would
+    otherwise report the difference in their terms."""
+    if saved.get("architecture") != type(model).__name__:
+        raise AdapterLoadError(
+            f"{Path(directory) / CONFIG_NAME}: the adapter was saved on a "
+            f"{saved.get('architecture')!r} ({saved.get('name_or_path') or 'unnamed'}), this base "
+            f"model is a {type(model).__name__!r}: load it on the model it was trained on"
+        )
 
 
 def check_base_record(
