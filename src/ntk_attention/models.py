@@ -35,6 +35,7 @@ __all__ = [
     "convert_dinov2_onnx",
     "dinov2_small_path",
     "minilm_path",
+    "resolve_model",
     "smollm2_path",
 ]
 
@@ -299,3 +300,17 @@ MODEL_PATHS: dict[str, Callable[[], Path]] = {
     "smollm2-135m": smollm2_path,
     "dinov2-small": dinov2_small_path,
 }
+
+
+def resolve_model(location: str | os.PathLike) -> Path:
+    """A local model directory as given, or the offline model a name of MODEL_PATHS stands for
+    (built on first use). Raises ModelUnavailableError for anything else, naming the names."""
+    path = Path(location)
+    if path.is_dir():
+        return path
+    if str(location) in MODEL_PATHS:
+        return MODEL_PATHS[str(location)]()
+    raise ModelUnavailableError(
+        f"{str(location)!r} is neither a directory nor a known model name "
+        f"({', '.join(sorted(MODEL_PATHS))})"
+    )

@@ -56,6 +56,9 @@ def _versions() -> dict[str, str | None]:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             versions[package] = None
+    import torch
+
+    versions["torch"] = torch.__version__  # the build actually imported (e.g. 2.13.0+cpu)
     return versions
 
 

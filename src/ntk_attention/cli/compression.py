@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import subprocess
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
+
+from .common import quiet_transformers, set_threads
 
 __all__ = [
     "add_compress_prompt",
@@ -46,9 +46,12 @@ def _add_state_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--steps", type=int, help="layer-wise steps (default: 200)")
     train.add_argument("--e2e-steps", type=int, default=0, help="end-to-end KL steps after the "
                        "layer-wise stage (default: 0)")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=int, default=0,
+                       help="seed of the sampled distillation inputs and the initialisation "
+                       "(default: %(default)s)")
     run = parser.add_argument_group("run")
-    run.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
+    run.add_argument("--device", default="auto",
+                     help="auto (cuda if available), cpu or cuda[:i] (default: %(default)s)")
     run.add_argument("--threads", type=int, metavar="N", help="torch CPU threads")
     run.add_argument("--overwrite", action="store_true", help="replace an adapter in the output")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -58,7 +61,8 @@ def add_compress_prompt(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, metavar="DIR",
                         help="local causal LM directory, or a name such as smollm2-135m")
     parser.add_argument("--prompt-file", required=True, metavar="FILE", help="UTF-8 text")
-    parser.add_argument("--output", required=True, metavar="DIR")
+    parser.add_argument("--output", required=True, metavar="DIR",
+                        help="folder for the state (an NTK adapter) and compression.json")
     _add_state_arguments(parser)
     parser.add_argument("--exact-heads", type=int, metavar="N",
                         help="exp: KV heads that keep every prompt token, the ones that copy "
@@ -81,7 +85,7 @@ def add_convert_prefix(parser: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace):
-    from .compress import CompressConfig
+    from ..compress import CompressConfig
 
     changes: dict[str, Any] = {
         "feature_map": args.feature_map, "r": args.r, "memory_fraction": args.memory_fraction,
@@ -95,18 +99,13 @@ def _config(args: argparse.Namespace):
 
 
 def _prepare(args: argparse.Namespace, output: str) -> None:
-    from .compress import CompressError
+    from ..compress import CompressError
+    from ..train.run_folder import check_no_other_kind
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import torch
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    quiet_transformers()
+    set_threads(args.threads)
     target = Path(output)
+    check_no_other_kind(target, args.command, CompressError)
     if (target / "adapter_config.json").exists() and not args.overwrite:
         raise CompressError(f"{target} already holds an adapter; pass --overwrite to replace it")
     if target.exists() and not target.is_dir():
@@ -117,17 +116,13 @@ def _load_model(location: str, device: str, flag: str):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .compress import CompressError
-    from .models import MODEL_PATHS
+    from ..compress import CompressError
+    from ..models import ModelUnavailableError, resolve_model
 
-    path = Path(location)
-    if not path.is_dir():
-        if location not in MODEL_PATHS:
-            raise CompressError(
-                f"{flag} {location!r} is neither a directory nor a known model name "
-                f"({', '.join(sorted(MODEL_PATHS))})"
-            )
-        path = MODEL_PATHS[location]()
+    try:
+        path = resolve_model(location)
+    except ModelUnavailableError as err:
+        raise CompressError(f"{flag} {err}") from None
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -141,12 +136,17 @@ def _load_model(location: str, device: str, flag: str):
 
 
 def _read_text(path: str, flag: str) -> str:
-    from .compress import CompressError
+    from ..compress import CompressError
 
     try:
         return Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise CompressError(f"cannot read {flag} {path}: {err}") from err
+    except UnicodeDecodeError as err:
+        raise CompressError(
+            f"{flag} {path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
+            f"{err.start}); save it as UTF-8"
+        ) from err
+    except OSError as err:
+        raise CompressError(f"cannot read {flag} {path}: {err.strerror or err}") from err
 
 
 def _read_paragraphs(path: str, flag: str) -> list[str]:
@@ -155,32 +155,21 @@ def _read_paragraphs(path: str, flag: str) -> list[str]:
 
 
 def _record(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
-    import peft
-    import torch
-    import transformers
+    """The run's provenance (``ntk_attention.provenance``) with the command's own fields."""
+    from ..provenance import environment
 
-    from . import __version__
+    return {**environment("ntk-attention " + shlex.join(sys.argv[1:])), **extra}
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False,
-                                cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    return {
-        "command": "ntk-attention " + " ".join(sys.argv[1:]) if sys.argv else None,
-        "git_commit": commit,
-        "versions": {"ntk_attention": __version__, "torch": torch.__version__,
-                     "transformers": transformers.__version__, "peft": peft.__version__,
-                     "python": platform.python_version()},
-        "hardware": {"machine": platform.machine(), "processor": platform.processor() or None,
-                     "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                     "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
-        **extra,
-    }
+
+def _record_name(args: argparse.Namespace) -> str:
+    """compression.json or conversion.json (train.run_folder.RUN_RECORDS)."""
+    from ..train.run_folder import RUN_RECORDS
+
+    return RUN_RECORDS[args.command]
 
 
 def _write_json(path: Path, document: dict[str, Any]) -> None:
-    from .tuner.save_load import atomic_write
+    from ..tuner.save_load import atomic_write
 
     text = json.dumps(document, indent=2) + "\n"
     atomic_write(path, lambda p: Path(p).write_text(text))
@@ -188,12 +177,12 @@ def _write_json(path: Path, document: dict[str, Any]) -> None:
 
 def run_compress_prompt(args: argparse.Namespace) -> int:
     _prepare(args, args.output)
-    from .compress import compress_prompt
+    from ..compress import compress_prompt
 
     config = _config(args)
     prompt = _read_text(args.prompt_file, "--prompt-file")
     if not prompt.strip():  # before the model loads (tens of seconds the first time)
-        from .compress import CompressError
+        from ..compress import CompressError
 
         raise CompressError(f"the prompt is empty (--prompt-file {args.prompt_file}): nothing to compress")
     model, tokenizer, model_path = _load_model(args.model, args.device, "--model")
@@ -201,7 +190,7 @@ def run_compress_prompt(args: argparse.Namespace) -> int:
                           progress=not args.no_progress)
     ntk.save_pretrained(args.output)
     report = ntk.compression
-    _write_json(Path(args.output) / "compression.json", _record(
+    _write_json(Path(args.output) / _record_name(args), _record(
         args, model=model_path, prompt_file=str(args.prompt_file), report=report.to_dict()))
     losses = report.layer_losses
     loss = f"layer loss {losses[0]:.4f} -> {losses[-1]:.4f}; " if losses else ""
@@ -218,7 +207,7 @@ def run_compress_prompt(args: argparse.Namespace) -> int:
 
 def run_convert_prefix(args: argparse.Namespace) -> int:
     _prepare(args, args.output)
-    from .compress import convert_prefix
+    from ..compress import convert_prefix
 
     config = _config(args)
     model, tokenizer, model_path = _load_model(args.base_model, args.device, "--base-model")
@@ -229,7 +218,7 @@ def run_convert_prefix(args: argparse.Namespace) -> int:
                          check_base_model=not args.no_base_check, progress=not args.no_progress)
     ntk.save_pretrained(args.output)
     conversion, report = ntk.conversion, ntk.compression
-    _write_json(Path(args.output) / "conversion.json", _record(
+    _write_json(Path(args.output) / _record_name(args), _record(
         args, base_model=model_path, source=str(args.source), conversion=conversion,
         report=report.to_dict()))
     held, speed = conversion["held_out"], conversion["forward_seconds"]

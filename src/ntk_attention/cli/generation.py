@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 
+from .common import InputError, quiet_transformers, set_threads
+
 __all__ = ["add_generate", "run_generate"]
 
 
@@ -29,33 +31,28 @@ def add_generate(parser: argparse.ArgumentParser) -> None:
                         help="format each prompt as a user turn with the model's chat template")
     parser.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
                         help="tokens to generate per prompt (default: %(default)s)")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
+    parser.add_argument("--device", default="auto",
+                        help="auto (cuda if available), cpu or cuda[:i] (default: %(default)s)")
     parser.add_argument("--threads", type=int, metavar="N", help="torch CPU threads")
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from .cli_compress import _load_model
-    from .compress import CompressError
+    from .compression import _load_model
 
     adapters, prompts = args.adapter, args.prompt
     if args.max_new_tokens < 1:
-        raise CompressError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+        raise InputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if len(adapters) > 1 and len(adapters) != len(prompts):
-        raise CompressError(f"{len(adapters)} adapters for {len(prompts)} prompts: give one "
+        raise InputError(f"{len(adapters)} adapters for {len(prompts)} prompts: give one "
                             "adapter, or one per prompt")
     if any(not prompt.strip() for prompt in prompts):
-        raise CompressError("a --prompt is empty: nothing to continue")
-    from .cli import _quiet_transformers
-
-    _quiet_transformers()
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+        raise InputError("a --prompt is empty: nothing to continue")
+    quiet_transformers()
+    set_threads(args.threads)
     model, tokenizer, _ = _load_model(args.model, args.device, "--model")
     names = None
     if adapters:
-        from .tuner import NTKModel
+        from ..tuner import NTKModel
 
         model = NTKModel.from_pretrained(model, adapters[0], adapter_name="a0")
         for index, adapter in enumerate(adapters[1:], start=1):
@@ -72,10 +69,9 @@ def run_generate(args: argparse.Namespace) -> int:
 def _formatted(tokenizer, prompt: str, chat: bool) -> str:
     if not chat:
         return prompt
-    from .compress import CompressError
 
     if getattr(tokenizer, "chat_template", None) is None:
-        raise CompressError("--chat: the model's tokenizer has no chat template")
+        raise InputError("--chat: the model's tokenizer has no chat template")
     return tokenizer.apply_chat_template(
         [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
     )
