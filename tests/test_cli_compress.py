@@ -9,12 +9,12 @@ import json
 import pytest
 import torch
 from peft import PrefixTuningConfig, get_peft_model
-from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM
 
 from ntk_attention.cli import EXIT_BAD_INPUT, main
-from ntk_attention.testing_models import ARCHITECTURES
 from ntk_attention.tuner import NTKModel
+
+from support.testing_models import ARCHITECTURES, char_tokenizer
 
 pytestmark = [
     pytest.mark.usefixtures("single_thread"),
@@ -24,20 +24,11 @@ pytestmark = [
 FAST = ["--steps", "3", "--no-progress", "--threads", "1"]
 
 
-def _char_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per printable ASCII character (ids 3..96), fitting the tiny models' vocab."""
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{chr(32 + i): 3 + i for i in range(94)}}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>", unk_token="<pad>")
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-llama")
     ARCHITECTURES["llama"].build().save_pretrained(path)
-    _char_tokenizer().save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
     return path
 
 
@@ -57,7 +48,7 @@ def test_compress_prompt_writes_an_adapter_that_loads_and_generates(model_dir, t
     assert record["report"]["r"] == 8 and record["report"]["prefix_tokens"] == 135
     assert record["versions"]["torch"] == torch.__version__
     ntk = NTKModel.from_pretrained(_load(model_dir), out)
-    tokenizer = _char_tokenizer()
+    tokenizer = char_tokenizer()
     ids = tokenizer("Quick", return_tensors="pt")["input_ids"]
     generated = ntk.generate(input_ids=ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert generated.shape == (1, 9)
@@ -141,7 +132,7 @@ def test_an_unknown_model_name_is_named(tmp_path, capsys):
 
 
 def test_an_empty_prompt_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
-    from ntk_attention import cli_compress
+    from ntk_attention.cli import compression as cli_compress
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded for an empty prompt")
@@ -153,3 +144,39 @@ def test_an_empty_prompt_is_refused_before_the_model_loads(tmp_path, capsys, mon
     assert code == EXIT_BAD_INPUT
     assert "prompt is empty" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_prompt_file_that_is_not_utf8_is_named_in_one_line(tmp_path, capsys, monkeypatch):
+    from ntk_attention.cli import compression as cli_compress
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded for an unreadable prompt")
+
+    monkeypatch.setattr(cli_compress, "_load_model", no_loading)
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    code = main(["compress-prompt", "--model", "smollm2-135m", "--prompt-file",
+                 str(tmp_path / "latin1.txt"), "--output", str(tmp_path / "o"), *FAST])
+    err = capsys.readouterr().err
+    assert code == EXIT_BAD_INPUT
+    assert err.count("\n") == 1 and "is not UTF-8 text (byte 0xe9 at offset 3)" in err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("marker", ["results.json", "checkpoints", "conversion.json"])
+def test_a_folder_holding_another_kind_of_run_is_refused(tmp_path, capsys, monkeypatch, marker):
+    from ntk_attention.cli import compression as cli_compress
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded for a refused output folder")
+
+    monkeypatch.setattr(cli_compress, "_load_model", no_loading)
+    (tmp_path / "p.txt").write_text("a prompt")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / marker).mkdir() if marker == "checkpoints" else (run / marker).write_text("{}")
+    before = sorted(p.name for p in run.iterdir())
+    code = main(["compress-prompt", "--model", "smollm2-135m", "--prompt-file",
+                 str(tmp_path / "p.txt"), "--output", str(run), *FAST])
+    assert code == EXIT_BAD_INPUT
+    assert f"holds another kind of run ({marker})" in capsys.readouterr().err
+    assert sorted(p.name for p in run.iterdir()) == before

@@ -15,7 +15,8 @@ def adapters(tmp_path, tiny_decoder_dir):
     import transformers
 
     from ntk_attention import NTKConfig, get_ntk_model
-    from ntk_attention.testing_models import randomize_adapter
+
+    from support.testing_models import randomize_adapter
 
     model_dir, _ = tiny_decoder_dir
     paths = []

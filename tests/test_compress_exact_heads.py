@@ -12,8 +12,9 @@ import torch
 from ntk_attention import NTKConfig, get_ntk_model
 from ntk_attention.compress import CompressConfig, CompressError, compress_prompt
 from ntk_attention.compress.teacher import prompt_prefix, retrieval_scores
-from ntk_attention.testing import assert_close
-from ntk_attention.testing_models import ARCHITECTURES
+
+from support.testing import assert_close
+from support.testing_models import ARCHITECTURES
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -12,9 +12,10 @@ import torch
 from peft import LoraConfig, PrefixTuningConfig, get_peft_model
 
 from ntk_attention.compress import CompressConfig, CompressError, convert_prefix
-from ntk_attention.testing import assert_close
-from ntk_attention.testing_models import ARCHITECTURES, TinyArchitecture
 from ntk_attention.tuner import NTKModel
+
+from support.testing import assert_close
+from support.testing_models import ARCHITECTURES, TinyArchitecture, char_tokenizer
 
 pytestmark = [
     pytest.mark.usefixtures("single_thread"),
@@ -85,15 +86,8 @@ def test_a_smaller_state_is_distilled_reported_and_saved(prefix_dir, tmp_path):
         torch.testing.assert_close(loaded(input_ids=ids).logits, before, rtol=0, atol=0)
 
 
-class Chars:  # the smallest tokenizer: one id per character
-    bos_token_id = 1
-
-    def __call__(self, text):
-        return {"input_ids": [3 + ord(c) % 90 for c in text]}
-
-
 def test_text_inputs_are_cut_into_windows(prefix_dir):
-    ntk = convert_prefix(prefix_dir, LLAMA.build(), tokenizer=Chars(), inputs=["x" * 20, "y" * 9],
+    ntk = convert_prefix(prefix_dir, LLAMA.build(), tokenizer=char_tokenizer(), inputs=["x" * 20, "y" * 9],
                          config=CompressConfig(r=2, **SMALL), steps=2, progress=False)
     assert ntk.compression.layer_losses
 
@@ -102,10 +96,11 @@ def test_eval_texts_give_the_perplexity_before_and_after(prefix_dir):
     """Exact conversion (r = m): the same perplexity as the PEFT model, computed by hand here."""
     peft_model = _peft_prefix()
     texts = ["the quick brown fox jumps", "over the lazy dog, twice over"]
-    ntk = convert_prefix(prefix_dir, LLAMA.build(), tokenizer=Chars(), eval_texts=texts,
+    tokenizer = char_tokenizer()
+    ntk = convert_prefix(prefix_dir, LLAMA.build(), tokenizer=tokenizer, eval_texts=texts,
                          config=CompressConfig(r=M, **SMALL), steps=0, progress=False)
     evaluation = ntk.conversion["eval_text"]
-    windows = [[3 + ord(c) % 90 for c in text][i : i + 8] for text in texts
+    windows = [tokenizer(text)["input_ids"][i : i + 8] for text in texts
                for i in range(0, len(text) - 7, 8)]
     assert (evaluation["windows"], evaluation["tokens"]) == (len(windows), 8)
     ids = torch.tensor(windows)
@@ -160,11 +155,12 @@ def test_exact_heads_are_named_for_a_prefix_without_tokens(prefix_dir):
 
 @pytest.mark.parametrize(
     "eval_texts, tokenizer, match",
-    [(["short"], Chars(), r"no text of eval_texts is 8 tokens long"),
+    [(["short"], char_tokenizer, r"no text of eval_texts is 8 tokens long"),
      (["long enough text"], None, r"text eval_texts need a tokenizer"),
-     ("one string", Chars(), r"eval_texts must be a list of texts")],
+     ("one string", char_tokenizer, r"eval_texts must be a list of texts")],
 )
 def test_bad_eval_texts_are_named(prefix_dir, eval_texts, tokenizer, match):
+    tokenizer = tokenizer() if tokenizer is not None else None
     with pytest.raises(CompressError, match=match):
         convert_prefix(prefix_dir, LLAMA.build(), tokenizer=tokenizer, eval_texts=eval_texts,
                        config=CompressConfig(r=M, **SMALL), steps=0, progress=False)

@@ -10,9 +10,10 @@ import torch
 
 from ntk_attention.compress import CompressConfig, CompressError, compress_prompt
 from ntk_attention.compress.select import by_mass, sink_and_recent, snapkv
-from ntk_attention.testing import assert_close
-from ntk_attention.testing_models import ARCHITECTURES
 from ntk_attention.tuner import NTKModel
+
+from support.testing import assert_close
+from support.testing_models import ARCHITECTURES, char_tokenizer
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -147,11 +148,7 @@ def test_deterministic_for_a_seed():
 
 
 def test_text_prompts_go_through_the_tokenizer():
-    class Chars:  # the smallest tokenizer: one id per character
-        def __call__(self, text):
-            return {"input_ids": [3 + ord(c) % 90 for c in text]}
-
-    ntk = compress_prompt(LLAMA.build(), Chars(), "a prompt of some length",
+    ntk = compress_prompt(LLAMA.build(), char_tokenizer(), "a prompt of some length",
                           config=CompressConfig(r=4, **SMALL), steps=0, progress=False)
     assert ntk.compression.prefix_tokens == len("a prompt of some length")
 

@@ -24,34 +24,24 @@ import torch
 from safetensors.torch import load_file
 
 from ntk_attention import NTKModel
-from ntk_attention.testing_models import ARCHITECTURES
 from ntk_attention.train.checkpoint import latest_checkpoint, load_checkpoint
 from ntk_attention.tuner import AdapterLoadError
 
+from support import subprocess_env
+from support.testing_models import ARCHITECTURES
+
 LLAMA = ARCHITECTURES["llama"]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+# tests/ on PYTHONPATH: the save-killing child below imports support.testing_models
+ENV = subprocess_env(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 FINETUNE = [
-    sys.executable, "-m", "ntk_attention.cli", "finetune", "--task", "bbc-news", "--method", "ntk",
-    "--max-train", "32", "--max-eval", "16", "--max-length", "32", "--max-steps", "12",
+    sys.executable, "-m", "ntk_attention.cli", "finetune", "--method", "ntk",
+    "--max-train", "32", "--max-eval", "16", "--max-length", "32",
     "--batch-size", "4", "--save-every", "2", "--threads", "1", "--no-progress",
 ]
 
 
-def _minilm_available() -> bool:
-    from ntk_attention.models import ModelUnavailableError, minilm_path
-
-    try:
-        minilm_path()
-    except ModelUnavailableError:
-        return False
-    return True
-
-
-needs_minilm = pytest.mark.skipif(not _minilm_available(), reason="MiniLM is not installed offline")
-
-
-def _finetune(output: Path, *extra: str) -> subprocess.CompletedProcess:
-    done = subprocess.run([*FINETUNE, "--output", str(output), *extra], env=ENV, check=False,
+def _finetune(command: list[str], output: Path, *extra: str) -> subprocess.CompletedProcess:
+    done = subprocess.run([*command, "--output", str(output), *extra], env=ENV, check=False,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
@@ -69,12 +59,22 @@ def _assert_same_run(a: Path, b: Path) -> None:
         assert torch.equal(weights_a[name], weights_b[name]), name
 
 
-@needs_minilm
-def test_finetune_killed_mid_run_resumes_to_the_uninterrupted_result(tmp_path):
-    _finetune(tmp_path / "uninterrupted")
+@pytest.mark.parametrize("model", ["tiny", pytest.param("minilm", marks=pytest.mark.slow)])
+def test_finetune_killed_mid_run_resumes_to_the_uninterrupted_result(tmp_path, request, model):
+    """On the tiny classifier (its steps take ms: 40 of them, so that the kill lands mid-run)
+    and on bbc-news with MiniLM (12 steps)."""
+    if model == "minilm":
+        request.getfixturevalue("minilm_dir")  # bbc-news's default model
+        task, steps = ["--task", "bbc-news"], 12
+    else:
+        model_dir, data = request.getfixturevalue("tiny_classifier")
+        task = ["--task", "classification", "--data", str(data), "--model", str(model_dir)]
+        steps = 40
+    command = [*FINETUNE, *task, "--max-steps", str(steps)]
+    _finetune(command, tmp_path / "uninterrupted")
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen([*FINETUNE, "--output", str(killed)], env=ENV,
+    process = subprocess.Popen([*command, "--output", str(killed)], env=ENV,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     pointer = killed / "checkpoints" / "latest.json"
     deadline = time.monotonic() + 240
@@ -87,9 +87,9 @@ def test_finetune_killed_mid_run_resumes_to_the_uninterrupted_result(tmp_path):
     checkpoint = latest_checkpoint(killed / "checkpoints")
     assert checkpoint is not None
     killed_at = int(checkpoint.name.split("-")[1])
-    assert 2 <= killed_at < 12
+    assert 2 <= killed_at < steps
 
-    done = _finetune(killed, "--resume")
+    done = _finetune(command, killed, "--resume")
     assert f"resuming from {checkpoint}" in done.stdout
     assert json.loads((killed / "results.json").read_text())["resumed_from_step"] == killed_at
     _assert_same_run(tmp_path / "uninterrupted", killed)
@@ -108,7 +108,7 @@ _CHILD = textwrap.dedent(
     import torch
     from safetensors.torch import save_file
     from ntk_attention import NTKConfig, get_ntk_model
-    from ntk_attention.testing_models import ARCHITECTURES, randomize_adapter
+    from support.testing_models import ARCHITECTURES, randomize_adapter
 
     kind, root, crash_at = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
     torch.manual_seed(0)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from ntk_attention.ops import get_feature_map, ntk_attention, prefix_attention
-from ntk_attention.testing import assert_close
+
+from support.testing import assert_close
 
 B, HQ, HKV, L, D, M = 2, 6, 2, 9, 16, 7
 

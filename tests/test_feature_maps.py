@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from ntk_attention.ops import FEATURE_MAPS, FeatureMap, get_feature_map
-from ntk_attention.testing import assert_close
+
+from support.testing import assert_close
 
 # Tiny tensors: one thread is faster and immune to a busy neighbour (see conftest.py).
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -7,7 +7,8 @@ import torch
 
 from ntk_attention import NTKConfig, NTKModel, get_ntk_model
 from ntk_attention.ops.state import deferred_nonnegative_projection
-from ntk_attention.testing_models import ARCHITECTURES, randomize_adapter
+
+from support.testing_models import ARCHITECTURES, randomize_adapter
 
 ROUNDOFF = dict(rtol=1e-5, atol=2e-6)
 

@@ -1,5 +1,5 @@
 """Tests of ``ntk_attention.ops.ntk_attention``: the fused path and its naive twin against the
-float64 reference in ``ntk_attention.testing`` (outputs and every gradient), the special cases
+float64 reference in ``support.testing`` (outputs and every gradient), the special cases
 of the spec (plain attention at z = 0, decoding, fully masked rows, low precision with huge
 logits, GQA, low-rank and per-row states), the kappa parameterisation, the fused path's memory
 shape, and every bad input."""
@@ -23,7 +23,8 @@ from ntk_attention.ops import (
     ntk_attention_lse,
     ntk_attention_naive,
 )
-from ntk_attention.testing import (
+
+from support.testing import (
     assert_close,
     assert_low_precision_close,
     reference_ntk_attention,
@@ -739,7 +740,9 @@ class TestNonnegative:
 
     def test_kappa_initialised_at_zero_trains_and_stays_nonnegative(self):
         """Distil a state with kappa > 0 into one initialised at Z = 0, kappa = 0 (the base
-        model): plain SGD on theta must move kappa off 0, keep it >= 0, and fit the target."""
+        model): plain SGD on theta must move kappa off 0, keep it >= 0, and fit the target.
+        (kappa >= 0 holds by the clamp; what can fail is that every entry of theta = 0 gets a
+        gradient that raises it, so that all of kappa leaves 0, and that the fit succeeds.)"""
         inputs = make_inputs(Case(batch=1, q_heads=2, kv_heads=1, q_len=16, k_len=16,
                                   is_causal=True))
         target = call(ntk_attention, inputs)
@@ -749,15 +752,16 @@ class TestNonnegative:
         losses = []
         for _ in range(150):
             kappa = nonnegative(theta)
-            assert (kappa >= 0).all()
             loss = (call(ntk_attention, inputs, z=z, kappa=kappa) - target).square().mean()
             optimizer.zero_grad()
             loss.backward()
             losses.append(loss.item())
             if len(losses) == 1:
-                assert theta.grad.abs().max() > 0, "no gradient reaches kappa at 0"
+                # The target's kappa is > 0 everywhere: from 0, every entry must be pushed up (a
+                # gradient dead at 0, as abs() or relu give, leaves it 0 there).
+                assert (theta.grad < 0).all(), f"gradient at kappa = 0: {theta.grad}"
             optimizer.step()
-        assert (nonnegative(theta) >= 0).all() and (nonnegative(theta) > 0).any()
+        assert (nonnegative(theta) > 0).all(), f"kappa stayed at 0: {nonnegative(theta)}"
         assert losses[-1] < 0.05 * losses[0], f"loss {losses[0]:.3g} -> {losses[-1]:.3g}"
 
 

@@ -8,7 +8,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ntk_attention.ops import ntk_attention
-from ntk_attention.testing import assert_close, assert_low_precision_close, reference_ntk_attention
+
+from support.testing import assert_close, assert_low_precision_close, reference_ntk_attention
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 from ntk_attention.ops import get_feature_map, ntk_attention
 from ntk_attention.ops.masks import combined_mask
-from ntk_attention.testing import assert_close, reference_ntk_attention
+
+from support.testing import assert_close, reference_ntk_attention
 
 TOLERANCE = {torch.float64: (1e-9, 1e-9), torch.float32: (2e-4, 2e-5)}
 

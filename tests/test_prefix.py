@@ -16,7 +16,8 @@ from ntk_attention.ops import (
     prefix_attention,
     prefix_to_state,
 )
-from ntk_attention.testing import (
+
+from support.testing import (
     assert_close,
     reference_ntk_attention,
     reference_prefix_attention,

@@ -12,7 +12,8 @@ import torch
 from ntk_attention import NTKConfig, NTKModel, get_ntk_model
 from ntk_attention.ops import nonnegative, ntk_attention
 from ntk_attention.ops.sink import state_readers
-from ntk_attention.testing_models import ARCHITECTURES, randomize_adapter
+
+from support.testing_models import ARCHITECTURES, randomize_adapter
 
 PATHS = ["lse", "fused", "naive"]
 DECODERS = [name for name, arch in ARCHITECTURES.items() if arch.kind == "decoder"]
@@ -354,8 +355,9 @@ def test_smollm2_one_default_step_keeps_held_out_nll():
         path = smollm2_path()
     except Exception as err:
         pytest.skip(f"SmolLM2-135M is not available: {err}")
-    from ntk_attention.train.loop import TrainConfig, _warm_started_ntk
+    from ntk_attention.train.config import TrainConfig
     from ntk_attention.train.methods import build_method
+    from ntk_attention.train.prepare import _warm_started_ntk
     from ntk_attention.train.tasks.wiki_lm import build
 
     splits = build(0)

@@ -18,7 +18,7 @@ import sympy
 import torch
 
 from ntk_attention import models
-from ntk_attention.train.loop import TrainConfig
+from ntk_attention.train.config import TrainConfig
 from ntk_attention.train.tasks import (
     COLUMNS,
     SPLITS,

@@ -9,13 +9,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ntk_attention import NTKConfig, get_ntk_model
-from ntk_attention.testing_models import ARCHITECTURES, randomize_adapter
 from ntk_attention.train.checkpoint import (
     CheckpointError,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
+
+from support.testing_models import ARCHITECTURES, randomize_adapter
 
 LLAMA = ARCHITECTURES["llama"]
 

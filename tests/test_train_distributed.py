@@ -5,7 +5,6 @@ training the same adapter as one process with the same global batch."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -19,6 +18,8 @@ from ntk_attention.ops.state import (
     project_nonnegative_grad,
 )
 from ntk_attention.train.distributed import Distributed
+
+from support import subprocess_env
 
 
 @pytest.mark.parametrize("batch", [1, 2, 5, 6, 7])
@@ -65,19 +66,14 @@ def test_kappa_projection_is_applied_to_the_summed_gradient_not_per_rank():
     assert torch.equal(grad(upstream, deferred=True), one_process)
 
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+# tests/ on PYTHONPATH: the FSDP2 worker below imports support.testing_models
+ENV = subprocess_env(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
 
 
-def _tiny_bert(path) -> None:
+def _tiny_bert(path, tokenizer) -> None:
     """A 2-layer BERT without dropout (so ranks draw no different masks) and MiniLM's tokenizer."""
     import transformers
 
-    from ntk_attention.models import ModelUnavailableError, minilm_path
-
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path())
-    except ModelUnavailableError:
-        pytest.skip("MiniLM's tokenizer is not installed offline")
     tokenizer.save_pretrained(path)
     config = transformers.BertConfig(
         vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64,
@@ -89,8 +85,8 @@ def _tiny_bert(path) -> None:
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
-    _tiny_bert(tmp_path / "model")
+def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp_path, minilm_tokenizer):
+    _tiny_bert(tmp_path / "model", minilm_tokenizer)
     # 16 rows in batches of 5: ranks take 2 + 3 rows, and the last batch (1 row) is all rank 1's
     args = [
         "-m", "ntk_attention.cli", "finetune", "--task", "bbc-news", "--method", "ntk",
@@ -127,7 +123,7 @@ import sys, torch, torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from safetensors.torch import save_file
 from ntk_attention import NTKConfig, get_ntk_model
-from ntk_attention.testing_models import ARCHITECTURES, randomize_adapter
+from support.testing_models import ARCHITECTURES, randomize_adapter
 
 torch.set_num_threads(1)
 dist.init_process_group("gloo")
@@ -155,7 +151,8 @@ def test_fsdp2_two_processes_train_and_save_like_one(tmp_path):
     process's on the whole batch, and save_pretrained gathers the sharded state (a collective
     every rank joins; rank 0 writes) into the same files."""
     from ntk_attention import NTKConfig, NTKModel, get_ntk_model
-    from ntk_attention.testing_models import ARCHITECTURES, randomize_adapter
+
+    from support.testing_models import ARCHITECTURES, randomize_adapter
 
     worker = tmp_path / "worker.py"
     worker.write_text(_FSDP2_WORKER)

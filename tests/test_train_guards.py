@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from ntk_attention import NTKConfig, get_ntk_model
-from ntk_attention.testing_models import ARCHITECTURES, randomize_adapter
 from ntk_attention.train.guards import NonFiniteError, NonFiniteGuard
+
+from support.testing_models import ARCHITECTURES, randomize_adapter
 
 LLAMA = ARCHITECTURES["llama"]
 
@@ -105,14 +106,10 @@ def test_bf16_autocast_training_stays_finite_for_100_steps():
     assert sum(losses[-10:]) < sum(losses[:10])  # it trained
 
 
+@pytest.mark.usefixtures("minilm_dir")  # bbc-news's model
 def test_finetune_detect_nonfinite_stops_a_diverging_run_in_one_line(tmp_path, capsys):
     from ntk_attention.cli import main
-    from ntk_attention.models import ModelUnavailableError, minilm_path
 
-    try:
-        minilm_path()
-    except ModelUnavailableError:
-        pytest.skip("MiniLM is not installed offline")
     code = main([
         "finetune", "--task", "bbc-news", "--method", "ntk", "--max-train", "8", "--max-eval", "4",
         "--max-length", "16", "--max-steps", "3", "--batch-size", "4", "--lr", "1e30",

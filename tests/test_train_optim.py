@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import pytest
 
-from ntk_attention.testing_models import ARCHITECTURES
-from ntk_attention.train.loop import KINDS, RunError, TrainConfig, parameter_groups
+from ntk_attention.train.config import RunError, TrainConfig
+from ntk_attention.train.loop import parameter_groups
 from ntk_attention.train.methods import MethodOptions, build_method
+from ntk_attention.train.task_kinds import TASK_KINDS
+
+from support.testing_models import ARCHITECTURES
 
 
 def _config(**overrides) -> TrainConfig:
@@ -16,7 +19,7 @@ def _config(**overrides) -> TrainConfig:
 
 
 def test_head_lr_defaults_to_lr_and_is_capped_for_image_tasks():
-    text, image = KINDS["classification"], KINDS["image-classification"]
+    text, image = TASK_KINDS["classification"], TASK_KINDS["image-classification"]
     args_text, args_image = (text, "classification"), (image, "image-classification")
     assert _config(lr=0.1).head_learning_rate(*args_text) == 0.1
     assert _config(lr=0.1).head_learning_rate(*args_image) == image.head_lr_cap == 1e-3
@@ -83,7 +86,7 @@ def test_equal_rates_give_one_group_of_every_trainable_parameter():
 def test_a_run_saved_before_head_lr_existed_is_the_same_run():
     """A saved config without a setting added later (at its default) still resumes and reads
     back; a saved value that differs is named."""
-    from ntk_attention.train.loop import _changed_settings
+    from ntk_attention.train.run_folder import _changed_settings
 
     config = _config(lr=0.1)
     older = {k: v for k, v in config.to_dict().items() if k != "head_lr"}

@@ -11,10 +11,11 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask,
 
 from ntk_attention import NTKConfig, get_ntk_model
 from ntk_attention.ops import ntk_attention
-from ntk_attention.testing_models import ARCHITECTURES, randomize_adapter
 from ntk_attention.tuner import FAMILIES
 from ntk_attention.tuner.attention import family_for_base
 from ntk_attention.tuner.layer import Geometry, NTKState
+
+from support.testing_models import ARCHITECTURES, randomize_adapter
 
 LLAMA = ARCHITECTURES["llama"]
 ROUNDOFF = dict(rtol=1e-5, atol=2e-6)

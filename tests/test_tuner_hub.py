@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from ntk_attention import NTKConfig, NTKModel, get_ntk_model
-from ntk_attention.testing_models import ARCHITECTURES, randomize_adapter
 from ntk_attention.tuner import AdapterLoadError
+
+from support.testing_models import ARCHITECTURES, randomize_adapter
 
 SPEC = ARCHITECTURES["llama"]
 

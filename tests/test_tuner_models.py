@@ -1,5 +1,5 @@
 """The adapter's contract, checked on every tiny architecture in
-``ntk_attention.testing_models.ARCHITECTURES`` (a new architecture is one line there).
+``support.testing_models.ARCHITECTURES`` (a new architecture is one line there).
 
 Tolerances: a state at zero changes the real tokens' kernel (the fused path runs SDPA on
 augmented inputs), so "equals the base model" is float32 round-off, checked at 2e-6 absolute on
@@ -14,7 +14,8 @@ import torch
 
 from ntk_attention import NTKConfig, NTKModel, get_ntk_model
 from ntk_attention.ops.state import deferred_nonnegative_projection
-from ntk_attention.testing_models import ARCHITECTURES, randomize_adapter
+
+from support.testing_models import ARCHITECTURES, randomize_adapter
 
 ARCHS = list(ARCHITECTURES)
 TEXT = [name for name, arch in ARCHITECTURES.items() if arch.kind != "vision"]

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from ntk_attention import NTKConfig, NTKModel, get_ntk_model
-from ntk_attention.testing_models import randomize_adapter
+
+from support.testing_models import randomize_adapter
 
 SENTENCES = [
     "The adapter keeps a constant-size state for an arbitrarily long prefix.",
@@ -17,14 +18,9 @@ SENTENCES = [
 
 
 @pytest.fixture(scope="module")
-def minilm():
+def minilm(minilm_dir):
     transformers = pytest.importorskip("transformers")
-    try:
-        from ntk_attention.models import minilm_path
-
-        path = minilm_path()
-    except Exception as err:  # the package is an optional, offline data dependency
-        pytest.skip(f"MiniLM is not available: {err}")
+    path = minilm_dir
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
 
     def load():

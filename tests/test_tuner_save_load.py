@@ -11,8 +11,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ntk_attention import NTKConfig, NTKModel, get_ntk_model
-from ntk_attention.testing_models import ARCHITECTURES, randomize_adapter
 from ntk_attention.tuner import AdapterLoadError, save_load
+
+from support.testing_models import ARCHITECTURES, randomize_adapter
 
 LLAMA = ARCHITECTURES["llama"]
 
@@ -251,3 +252,30 @@ def test_fingerprint_samples_stay_inside_large_tensors():
     big = torch.zeros(28_311_552, dtype=torch.bfloat16)
     big[-1] = 1.0
     assert weights_fingerprint([("w", big)]) != weights_fingerprint([("w", torch.zeros_like(big))])
+
+
+def test_an_adapter_of_another_architecture_is_named_before_its_layers_are_checked(tmp_path):
+    # exact heads in layer 3 of a 4-layer decoder: a 2-layer encoder lacks that layer, and
+    # before the architecture check that was the message ("exact_heads names layers [3]...").
+    config = dict(ARCHITECTURES["llama"].config, num_hidden_layers=4)
+    import transformers
+
+    decoder = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config)).eval()
+    ntk = get_ntk_model(decoder, NTKConfig(feature_map="exp", r=4, exact_heads=((3, 0),),
+                                           exact_tokens=2))
+    ntk.save_pretrained(tmp_path)
+    encoder = ARCHITECTURES["bert"].build()
+    with pytest.raises(AdapterLoadError, match="saved on a 'LlamaForCausalLM'.*'BertFor"):
+        NTKModel.from_pretrained(encoder, tmp_path)
+    _assert_untouched(encoder)
+    wrapped = get_ntk_model(encoder, NTKConfig())
+    with pytest.raises(AdapterLoadError, match="saved on a 'LlamaForCausalLM'"):
+        wrapped.load_adapter(tmp_path, adapter_name="other")
+    assert list(wrapped.peft_config) == ["default"]
+
+
+@pytest.mark.parametrize("document", [{}, {"r": 4}])
+def test_a_config_without_peft_type_says_it_is_not_an_adapter_config(tmp_path, document):
+    (tmp_path / "adapter_config.json").write_text(json.dumps(document))
+    with pytest.raises(AdapterLoadError, match="has no peft_type, so it is not an adapter's config"):
+        NTKModel.from_pretrained(LLAMA.build(), tmp_path)

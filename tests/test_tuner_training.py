@@ -9,7 +9,8 @@ import torch
 import transformers
 
 from ntk_attention import NTKConfig, NTKModel, get_ntk_model
-from ntk_attention.testing_models import ARCHITECTURES, randomize_adapter
+
+from support.testing_models import ARCHITECTURES, randomize_adapter
 
 LLAMA = ARCHITECTURES["llama"]
 BERT = ARCHITECTURES["bert"]

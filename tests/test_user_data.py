@@ -156,8 +156,12 @@ def test_user_task_splits_are_seeded_disjoint_and_never_empty(tmp_path):
         != task.data["train"]["text"]
     )
     assert task.label_names == ("a", "b") and task.metric_names == ("accuracy", "macro_f1")
-    with pytest.raises(ValueError, match="has no default model"):
-        task.default_model_path()
+    # every kind of user data has an offline default model (issue 20: no hunting for paths)
+    from ntk_attention import models
+    from ntk_attention.train.tasks.user_data import DEFAULT_MODELS, USER_COLUMNS
+
+    assert task.spec.default_model is models.MODEL_PATHS[DEFAULT_MODELS["classification"]]
+    assert set(DEFAULT_MODELS) == set(USER_COLUMNS)
     tiny = user_task(
         _jsonl(tmp_path, [{"prompt": str(i), "completion": "x"} for i in range(3)], "t.jsonl"),
         "generation",

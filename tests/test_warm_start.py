@@ -11,8 +11,9 @@ import torch
 
 from ntk_attention.cli import EXIT_BAD_INPUT, main
 from ntk_attention.compress import exact_prompt_state
-from ntk_attention.testing_models import ARCHITECTURES
-from ntk_attention.train.loop import RunError, TrainConfig
+from ntk_attention.train.config import RunError, TrainConfig
+
+from support.testing_models import ARCHITECTURES
 
 
 @pytest.fixture(autouse=True)

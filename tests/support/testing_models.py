@@ -1,4 +1,4 @@
-"""Tiny random transformers models for tests and benchmarks: one entry per architecture.
+"""Tiny random transformers models for tests: one entry per architecture.
 
 Every entry builds a 2-layer model (hidden 32, 4 heads; KV heads < heads where the
 architecture has GQA) with a fixed seed, and makes inputs of the right kind. A new architecture
@@ -7,6 +7,7 @@ is one line in ``ARCHITECTURES``.
     arch = ARCHITECTURES["llama"]
     model = arch.build()                       # attn_implementation="sdpa", eval mode
     batch = arch.inputs(batch=2, length=7)     # input_ids + attention_mask (or pixel_values)
+    tokenizer = char_tokenizer()               # one id per character, fits the decoders' vocab
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 import transformers
 
-__all__ = ["ARCHITECTURES", "TinyArchitecture", "randomize_adapter"]
+__all__ = ["ARCHITECTURES", "TinyArchitecture", "char_tokenizer", "randomize_adapter"]
 
 VOCAB = 97
 IMAGE = 16
@@ -144,3 +145,17 @@ def randomize_adapter(
             param.copy_(value.to(param))
 
 
+def char_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """The smallest real tokenizer: one token per printable ASCII character (" " to "}" are ids
+    3..96, anything else is <unk> = <pad> = 0), <s> = 1 and </s> = 2, fitting the tiny decoders'
+    vocabulary. No special tokens are added, so ``len(tokenizer(text)["input_ids"]) ==
+    len(text)``; it saves with ``save_pretrained`` for commands that take a model directory."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{chr(32 + i): 3 + i for i in range(VOCAB - 3)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        unk_token="<pad>",
+    )

@@ -2,8 +2,8 @@
 something.
 
 The references materialise every score and write the formula out once, in the most obvious
-way, so the fast paths in ``ntk_attention.ops`` can be checked against them (the tests, the
-benchmarks and later modules all import them from here instead of pasting their own copy):
+way, so the fast paths in ``ntk_attention.ops`` can be checked against them (the tests all
+import them from here instead of pasting their own copy):
 
     out_i = (sum_j e^{l_ij} v_j + e^{c} phi(q_i)^T Z) / (sum_j e^{l_ij} + e^{c} phi(q_i)^T kappa)
 
@@ -125,7 +125,7 @@ def _features(
     log offset [B, Hq, Lq]): phi(q) = features * e^offset."""
     batch, q_heads, q_len, head_dim = q.shape
     if isinstance(feature_map, str):
-        from .ops import get_feature_map
+        from ntk_attention.ops import get_feature_map
 
         feature_map = get_feature_map(feature_map, head_dim, r=r, scale=scale).to(q.device)
     grouped = q.to(dtype).reshape(batch, kv_heads, (q_heads // kv_heads) * q_len, head_dim)
