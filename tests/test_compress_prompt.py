@@ -136,6 +136,41 @@ def test_default_state_is_at_most_an_eighth_of_the_kv_cache_counting_every_tenso
     assert stored <= kv_cache / 8 < stored + 2 * 2 * (2 * 8 + 2)  # one more token would not fit
 
 
+def test_a_fixed_size_state_keeps_its_size_as_the_prompt_grows():
+    # memory_bytes: the budget is bytes (float32 numbers), not a share of the prompt's cache,
+    # so a prompt 4x as long gets a state of the same size (and its exact heads, which keep
+    # every prompt token, give way to virtual tokens)
+    model = LLAMA.build()
+    budget = 4 * 2 * 2 * 2 * 8 * 40  # a 40-token prompt's whole cache, in bytes
+    sizes = []
+    for length in (40, 160):
+        config = CompressConfig(memory_bytes=budget, **SMALL)
+        ntk = compress_prompt(model, None, _prompt(length=length), config=config, steps=0,
+                              progress=False)
+        try:
+            report = ntk.compression
+            stored = sum(t.numel() for t in ntk.adapter_state_dict().values())
+        finally:
+            ntk.unload()
+        assert report.state_numel == stored <= budget // 4
+        assert stored + 2 * 2 * (2 * 8 + 2) > budget // 4  # one more virtual token would not fit
+        sizes.append(len(report.exact_heads))
+    assert sizes == [1, 0]  # 0.4 of the budget holds 1 of 4 heads at 40 tokens, none at 160
+
+
+def test_memory_mib_sets_a_fixed_size_from_the_command_line(tmp_path):
+    from ntk_attention.cli import build_parser
+    from ntk_attention.cli.compression import _config
+
+    args = build_parser().parse_args(["compress-prompt", "--model", "m", "--prompt-file", "p",
+                                      "--output", str(tmp_path), "--memory-mib", "0.5"])
+    assert _config(args).memory_bytes == 2**19
+    with pytest.raises(SystemExit):  # one size setting at a time
+        build_parser().parse_args(["compress-prompt", "--model", "m", "--prompt-file", "p",
+                                   "--output", str(tmp_path), "--memory-mib", "1",
+                                   "--memory-fraction", "0.1"])
+
+
 def test_deterministic_for_a_seed():
     def run(seed):
         ntk = compress_prompt(LLAMA.build(), None, _prompt(), config=CompressConfig(r=4, **SMALL),
@@ -182,6 +217,7 @@ def test_bad_prompts_are_named(case):
         (dict(feature_map="favor", sink=1), r"exact sink needs exponential features"),
         (dict(init="closed_form"), r"closed_form.*kernel feature maps"),
         (dict(memory_fraction=0), r"memory_fraction must be a number > 0"),
+        (dict(memory_bytes=0), r"memory_bytes must be a positive int"),
         (dict(steps=-1), r"steps must be an int >= 0"),
     ],
 )

@@ -36,10 +36,14 @@ def _add_state_arguments(parser: argparse.ArgumentParser) -> None:
                        help="exp: r trained virtual tokens; elu: linear-attention state with an "
                        "exact sink (default: %(default)s)")
     state.add_argument("--r", type=int, help="exp/favor: feature dimension (default: the "
-                       "largest that fits --memory-fraction)")
-    state.add_argument("--memory-fraction", type=float, default=1 / 8, metavar="F",
-                       help="state size / the prefix's KV cache, every tensor counted "
-                       "(default: 1/8)")
+                       "largest that fits the budget)")
+    size = state.add_mutually_exclusive_group()
+    size.add_argument("--memory-fraction", type=float, default=1 / 8, metavar="F",
+                      help="state size / the prefix's KV cache, every tensor counted "
+                      "(default: 1/8)")
+    size.add_argument("--memory-mib", type=float, metavar="MIB",
+                      help="a fixed state size in MiB instead of a fraction: the same for any "
+                      "prompt length (default: none, --memory-fraction applies)")
     state.add_argument("--sink", type=int, help="first tokens kept exactly (default: 1 for exp "
                        "and elu, 0 otherwise)")
     train = parser.add_argument_group("distillation")
@@ -85,12 +89,16 @@ def add_convert_prefix(parser: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace):
-    from ..compress import CompressConfig
+    from ..compress import CompressConfig, CompressError
 
     changes: dict[str, Any] = {
         "feature_map": args.feature_map, "r": args.r, "memory_fraction": args.memory_fraction,
         "sink": args.sink, "e2e_steps": args.e2e_steps,
     }
+    if args.memory_mib is not None:
+        if not args.memory_mib > 0:
+            raise CompressError(f"--memory-mib must be > 0, got {args.memory_mib}")
+        changes["memory_bytes"] = max(1, round(args.memory_mib * 2**20))
     if args.steps is not None:
         changes["steps"] = args.steps
     if getattr(args, "exact_heads", None) is not None:  # compress-prompt only

@@ -64,6 +64,11 @@ class CompressConfig:
       rank             low-rank Z (s); None = dense, or for elu the largest rank that fits.
       memory_fraction  the state's size as a fraction of the prefix's KV cache (every tensor
                        counted); None = no limit (r and rank must then be given or natural).
+      memory_bytes     instead of a fraction, a fixed size in bytes (the state is stored in
+                       float32: memory_bytes / 4 numbers), whatever the prompt's length: a
+                       longer prompt gets the same state size (fewer exact heads, which keep
+                       every prompt token, fit; none once one head's share would not).
+                       When given, memory_fraction is not used.
       sink             the first ``sink`` prompt tokens are kept exactly (the attention sink);
                        None = 1 for exp and elu, 0 for favor and taylor (no exact tokens).
       init             "auto" (exp: select, elu: zeros, favor/taylor: closed_form) or one of
@@ -88,6 +93,7 @@ class CompressConfig:
     r: int | None = None
     rank: int | None = None
     memory_fraction: float | None = 1 / 8
+    memory_bytes: int | None = None
     sink: int | None = None
     init: str = "auto"
     exact_heads: int | None = None
@@ -124,6 +130,7 @@ class CompressConfig:
             raise CompressError(
                 f"memory_fraction must be a number > 0 or None, got {self.memory_fraction!r}"
             )
+        _positive_int("memory_bytes", self.memory_bytes, optional=True)
         if self.sink is not None:
             _non_negative_int("sink", self.sink)
         if self.init not in INITS:
@@ -178,16 +185,40 @@ class CompressConfig:
             return self.sink
         return 1 if _keeps_exact_tokens(self.feature_map) else 0
 
-    def exact_head_count(self, heads: int) -> int:
-        """How many of ``heads`` KV heads (layers x Hkv) keep the whole prefix exactly."""
+    @property
+    def limited(self) -> bool:
+        """Whether the state's size is bounded (by memory_bytes or memory_fraction)."""
+        return self.memory_bytes is not None or self.memory_fraction is not None
+
+    def budget(self, kv_cache_numel: int) -> int | None:
+        """The state's budget in stored numbers for a prefix whose KV cache holds
+        ``kv_cache_numel`` numbers: memory_bytes / 4 (float32), else memory_fraction of the
+        cache, else None (no limit)."""
+        if self.memory_bytes is not None:
+            return self.memory_bytes // 4
+        if self.memory_fraction is not None:
+            return int(self.memory_fraction * kv_cache_numel)
+        return None
+
+    def budget_text(self) -> str:
+        """The setting that made the budget, for messages ("memory_fraction=0.125")."""
+        if self.memory_bytes is not None:
+            return f"memory_bytes={self.memory_bytes:,}"
+        return f"memory_fraction={self.memory_fraction}"
+
+    def exact_head_count(self, heads: int, kv_cache_numel: int) -> int:
+        """How many of ``heads`` KV heads (layers x Hkv) keep the whole prefix exactly: as
+        given, or (auto) as many as fit in EXACT_HEADS_SHARE of the budget, one head costing
+        1 / heads of the prefix's KV cache (``kv_cache_numel`` numbers)."""
         if not _map_class(self.feature_map).only_virtual_tokens():
             return 0
         if self.exact_heads is not None:
             return min(self.exact_heads, heads)
-        if self.memory_fraction is None or self.rank is not None:
+        budget = self.budget(kv_cache_numel)
+        if budget is None or self.rank is not None:
             return 0
-        # one exact head is 1 / heads of the KV cache
-        return min(heads, int(EXACT_HEADS_SHARE * self.memory_fraction * heads))
+        # (+1e-9: a share that is a whole number of heads in exact arithmetic stays one)
+        return min(heads, math.floor(EXACT_HEADS_SHARE * budget * heads / kv_cache_numel + 1e-9))
 
     def replace(self, **changes: Any) -> CompressConfig:
         return dataclasses.replace(self, **changes)

@@ -168,7 +168,7 @@ def compress_prompt(
     inputs = torch.cat([sampled.cpu(), rereads])
     timings["sample"] = time.perf_counter() - started
     retrieval = None
-    if config.exact_head_count(prefix.layers * prefix.geometry.kv_heads):
+    if config.exact_head_count(prefix.layers * prefix.geometry.kv_heads, prefix.kv_cache_numel()):
         mark = time.perf_counter()
         try:
             retrieval = retrieval_scores(model, prefix, ids, length=config.sample_length)
@@ -212,7 +212,7 @@ def choose_exact_heads(
 ) -> tuple[tuple[int, int], ...]:
     """The (layer, KV head) pairs that keep the whole prefix: the ``config.exact_head_count``
     heads with the highest retrieval scores [layers, Hkv] (in layer, head order)."""
-    count = config.exact_head_count(prefix.layers * prefix.geometry.kv_heads)
+    count = config.exact_head_count(prefix.layers * prefix.geometry.kv_heads, prefix.kv_cache_numel())
     if not count:
         return ()
     if retrieval is None:

@@ -76,12 +76,10 @@ def ntk_config_for(
     if sink and not cls.has_virtual_tokens and cls.virtual_token_variant is not None:
         # elu: its D features, then the sink tokens as virtual tokens ("elu+exp")
         name, r = cls.virtual_token_variant, cls.resolve_r(g.head_dim) + sink
-    elif cls.only_virtual_tokens() and r is None and config.memory_fraction is None:
+    elif cls.only_virtual_tokens() and r is None and not config.limited:
         r = m  # no limit: every prompt token (the exact prefix)
     cls = MAP_CLASSES[name]
-    budget = None
-    if config.memory_fraction is not None:
-        budget = int(config.memory_fraction * prefix.kv_cache_numel())
+    budget = config.budget(prefix.kv_cache_numel())
 
     def size(**changes) -> int:
         return adapter_numel(NTKConfig(feature_map=name, **{**base, "r": r, "rank": config.rank, **changes}), g, layers)
@@ -91,16 +89,15 @@ def ntk_config_for(
         if kept >= budget:
             raise CompressError(
                 f"{len(exact_heads)} exact heads keep {kept:,} numbers, the whole memory budget "
-                f"({budget:,} = memory_fraction={config.memory_fraction}): lower exact_heads or "
-                "raise memory_fraction"
+                f"({budget:,}, {config.budget_text()}): lower exact_heads or raise the budget"
             )
     if budget is not None and r is None and not cls.fixed_r:  # r is the size to fit
         r = _largest(lambda value: size(r=value), budget, f"one {name} feature")
         slots = len(cls.virtual_token_slots(g.head_dim, r))
         if cls.has_virtual_tokens and slots < sink:
             raise CompressError(
-                f"memory_fraction={config.memory_fraction} leaves room for {slots} virtual "
-                f"tokens, fewer than sink={sink}: raise memory_fraction or lower sink"
+                f"{config.budget_text()} leaves room for {slots} virtual tokens, fewer than "
+                f"sink={sink}: raise the budget or lower sink"
             )
     rank = config.rank
     # Compression's sizing rule for the ELU state (CompressConfig's docstring): its r is the
@@ -113,8 +110,8 @@ def ntk_config_for(
     if budget is not None and total > budget and config.r is None and config.rank is None:
         raise CompressError(
             f"a {name!r} state takes {total:,} numbers = {total / prefix.kv_cache_numel():.3g} of "
-            f"the prefix's KV cache ({prefix.kv_cache_numel():,}); memory_fraction="
-            f"{config.memory_fraction} allows {budget:,}. Pass memory_fraction=None to use it anyway"
+            f"the prefix's KV cache ({prefix.kv_cache_numel():,}); {config.budget_text()} allows "
+            f"{budget:,}. Pass memory_fraction=None (and no memory_bytes) to use it anyway"
         )
     return ntk_config
 
@@ -125,7 +122,7 @@ def _largest(size_of, budget: int, what: str) -> int:
     if one > budget:
         raise CompressError(
             f"the memory budget ({budget:,} numbers) is smaller than {what} needs ({one:,}): "
-            "raise memory_fraction"
+            "raise memory_fraction or memory_bytes"
         )
     step = two - one
     n = 1 + (budget - one) // step if step > 0 else 1
