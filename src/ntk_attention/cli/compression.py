@@ -64,7 +64,11 @@ def _add_state_arguments(parser: argparse.ArgumentParser) -> None:
 def add_compress_prompt(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, metavar="DIR",
                         help="local causal LM directory, or a name such as smollm2-135m")
-    parser.add_argument("--prompt-file", required=True, metavar="FILE", help="UTF-8 text")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt-file", metavar="FILE", help="UTF-8 text, compressed as it is")
+    source.add_argument("--system-prompt-file", metavar="FILE",
+                        help="UTF-8 text: an instruct model's system prompt, compressed as the "
+                        "system turn of its chat template (use the state with generate --chat)")
     parser.add_argument("--output", required=True, metavar="DIR",
                         help="folder for the state (an NTK adapter) and compression.json")
     _add_state_arguments(parser)
@@ -188,18 +192,21 @@ def run_compress_prompt(args: argparse.Namespace) -> int:
     from ..compress import compress_prompt
 
     config = _config(args)
-    prompt = _read_text(args.prompt_file, "--prompt-file")
+    chat = args.system_prompt_file is not None
+    flag, path = ("--system-prompt-file", args.system_prompt_file) if chat else (
+        "--prompt-file", args.prompt_file)
+    prompt = _read_text(path, flag)
     if not prompt.strip():  # before the model loads (tens of seconds the first time)
         from ..compress import CompressError
 
-        raise CompressError(f"the prompt is empty (--prompt-file {args.prompt_file}): nothing to compress")
+        raise CompressError(f"the prompt is empty ({flag} {path}): nothing to compress")
     model, tokenizer, model_path = _load_model(args.model, args.device, "--model")
     ntk = compress_prompt(model, tokenizer, prompt, config=config, seed=args.seed,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, chat=chat)
     ntk.save_pretrained(args.output)
     report = ntk.compression
     _write_json(Path(args.output) / _record_name(args), _record(
-        args, model=model_path, prompt_file=str(args.prompt_file), report=report.to_dict()))
+        args, model=model_path, prompt_file=str(path), report=report.to_dict()))
     losses = report.layer_losses
     loss = f"layer loss {losses[0]:.4f} -> {losses[-1]:.4f}; " if losses else ""
     print(

@@ -59,22 +59,48 @@ def run_generate(args: argparse.Namespace) -> int:
             model.load_adapter(adapter, f"a{index}")
         if len(adapters) > 1:
             names = [f"a{index}" for index in range(len(adapters))]
-    texts = [_formatted(tokenizer, prompt, args.chat) for prompt in prompts]
+    chat_states = [_is_chat_state(adapter) for adapter in adapters]
+    if any(chat_states) and not args.chat:
+        raise InputError("the adapter is a compressed system prompt (compress-prompt "
+                         "--system-prompt-file): pass --chat so the prompt is a user turn after it")
+    if any(chat_states) and not all(chat_states):
+        raise InputError("mixing compressed system prompts with other adapters: their prompts "
+                         "are formatted differently; run them apart")
+    texts = [_formatted(tokenizer, prompt, args.chat, after_system=any(chat_states))
+             for prompt in prompts]
     for row, text in enumerate(_generate(model, tokenizer, texts, names, args)):
         if len(texts) > 1:
             print(f"[{row}] {text}")
     return 0
 
 
-def _formatted(tokenizer, prompt: str, chat: bool) -> str:
+def _is_chat_state(adapter: str) -> bool:
+    """Whether ``adapter`` is a folder written by compress-prompt --system-prompt-file (its
+    compression.json says the prompt was a system turn)."""
+    import json
+    from pathlib import Path
+
+    record = Path(adapter) / "compression.json"
+    try:
+        return bool(json.loads(record.read_text())["report"].get("chat"))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def _formatted(tokenizer, prompt: str, chat: bool, after_system: bool = False) -> str:
+    """The text the model continues: the prompt as it is, as a user turn of the chat template,
+    or (``after_system``: the state is a compressed system prompt) the user turn as the
+    template renders it after a system turn, that turn cut off."""
     if not chat:
         return prompt
-
     if getattr(tokenizer, "chat_template", None) is None:
         raise InputError("--chat: the model's tokenizer has no chat template")
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-    )
+    turn = [{"role": "user", "content": prompt}]
+    if after_system:
+        from ..compress.chat import turns_after_system_ids
+
+        return tokenizer.decode(turns_after_system_ids(tokenizer, turn)[0])
+    return tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
 
 
 def _generate(model, tokenizer, texts: list[str], names: list[str] | None, args) -> list[str]:

@@ -1,7 +1,9 @@
 """Compress a long prompt, or convert a trained PEFT prefix, into a small *trained*
 NTK-Attention state (closed form is an initialisation, not a conversion: docs/results/REPORT.md section 5).
 
-    compress_prompt(model, tokenizer, prompt)    prompt.py
+    compress_prompt(model, tokenizer, prompt)    prompt.py (chat=True: an instruct model's
+                                                 system prompt, later turns through
+                                                 chat.turns_after_system_ids)
     exact_prompt_state(model, prompt_ids)        prompt.py (the prompt's cache as a state, exactly)
     convert_prefix(adapter_dir, base_model)      prefix.py
     CompressConfig                               config.py (state size, init, distillation)
@@ -12,6 +14,7 @@ select.py (which prompt tokens to keep: by attention mass, sink + recent, SnapKV
 (sizing to a memory budget, initialisation), distill.py (layer-wise and end-to-end).
 """
 
+from .chat import system_prompt_ids, turns_after_system_ids
 from .config import CompressConfig, CompressError
 from .prefix import convert_prefix, read_peft_prefix
 from .prompt import CompressionReport, compress_prompt, exact_prompt_state
@@ -24,4 +27,6 @@ __all__ = [
     "convert_prefix",
     "exact_prompt_state",
     "read_peft_prefix",
+    "system_prompt_ids",
+    "turns_after_system_ids",
 ]

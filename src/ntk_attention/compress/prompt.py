@@ -30,6 +30,7 @@ from torch import nn
 
 from ..ops import FEATURE_MAPS as MAP_CLASSES
 from ..tuner import NTKModel, get_ntk_model
+from .chat import system_prompt_ids
 from .config import CompressConfig, CompressError
 from .distill import distil_end_to_end, distil_layers
 from .state import adapter_numel, initialise, ntk_config_for
@@ -63,6 +64,9 @@ class CompressionReport:
     seconds: dict[str, float]
     config: dict[str, Any]
     seed: int
+    # the prompt was a chat model's system turn: later turns go in through
+    # compress.chat.turns_after_system_ids (compress_prompt(..., chat=True))
+    chat: bool = False
 
     @property
     def memory_fraction(self) -> float:
@@ -137,8 +141,13 @@ def compress_prompt(
     steps: int | None = None,
     seed: int = 0,
     progress: bool = True,
+    chat: bool = False,
 ) -> NTKModel:
     """Compress ``prompt`` (text, or 1-D token ids) into an NTK-Attention state of ``model``.
+
+    ``chat=True``: ``prompt`` is the system prompt of an instruct model, compressed as the
+    system turn its chat template renders (``compress.chat``); feed the later turns through
+    ``compress.chat.turns_after_system_ids(tokenizer, messages)``.
 
     Returns ``model`` wrapped as an :class:`NTKModel` (adapter "default", the base frozen, as
     ``get_ntk_model`` does) whose forward and ``generate()`` on a continuation alone behave as
@@ -152,7 +161,12 @@ def compress_prompt(
     if steps is not None:
         config = config.replace(steps=steps)
     check_model(model)
-    ids = prompt_ids(tokenizer, prompt)
+    if chat:
+        if not isinstance(prompt, str):
+            raise CompressError("chat=True takes the system prompt as text")
+        ids = system_prompt_ids(tokenizer, prompt)
+    else:
+        ids = prompt_ids(tokenizer, prompt)
     check_positions(model, ids.numel(), config.sample_length, "prompt")
     model.eval()
     generator = torch.Generator().manual_seed(seed)
@@ -177,10 +191,12 @@ def compress_prompt(
                 raise
             retrieval = None  # auto: a prompt too short to re-read keeps no exact heads
         timings["retrieval_scores"] = time.perf_counter() - mark
-    return compress_prefix(
+    ntk = compress_prefix(
         model, prefix, inputs, config=config, seed=seed, progress=progress,
         generator=generator, timings=timings, started=started, retrieval=retrieval,
     )
+    ntk.compression.chat = chat
+    return ntk
 
 
 @torch.no_grad()
