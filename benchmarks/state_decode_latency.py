@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from ntk_attention.compress import CompressConfig
-from ntk_attention.compress.state import ntk_config_for
+from ntk_attention.compress.initial_state import ntk_config_for
 from ntk_attention.compress.teacher import PrefixKV, attention_layers
 from ntk_attention.models import smollm2_path
 from ntk_attention.provenance import environment, summary_line

@@ -61,9 +61,8 @@ import torch
 
 from ntk_attention.compress import CompressConfig
 from ntk_attention.compress.distill import kl_divergence, layer_losses
+from ntk_attention.compress.initial_state import initialise
 from ntk_attention.compress.prompt import choose_exact_heads, compress_prefix
-from ntk_attention.compress.select import sink_and_recent, snapkv
-from ntk_attention.compress.state import initialise
 from ntk_attention.compress.teacher import (
     PrefixKV,
     capture,
@@ -72,6 +71,7 @@ from ntk_attention.compress.teacher import (
     retrieval_scores,
     sample_continuations,
 )
+from ntk_attention.compress.token_selection import sink_and_recent, snapkv
 from ntk_attention.tuner import NTKConfig, get_ntk_model
 
 EVAL_TOKENS = 64
@@ -128,7 +128,10 @@ def token_state(model, prefix: PrefixKV, selection: torch.Tensor, eval_args, exa
     """KV-cache eviction: the selected prompt tokens kept exactly (an exp state holding them);
     ``exact_heads`` keep every token instead."""
     exact = dict(exact_heads=exact_heads, exact_tokens=prefix.length) if exact_heads else {}
-    config = NTKConfig(feature_map="exp", r=selection.shape[-1], position_offset=prefix.length, **exact)
+    # sink_tokens=0: the kept tokens are real prompt tokens, the sink among them, so every query
+    # reads them (the decoder default, 1, would hide them from the continuation's first token)
+    config = NTKConfig(feature_map="exp", r=selection.shape[-1], position_offset=prefix.length,
+                       sink_tokens=0, **exact)
     ntk = get_ntk_model(model, config)
     try:
         initialise(ntk, prefix, CompressConfig(), None, selection=selection)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ntk_attention.compress import CompressConfig, CompressError, compress_prompt
-from ntk_attention.compress.select import by_mass, sink_and_recent, snapkv
+from ntk_attention.compress.token_selection import by_mass, sink_and_recent, snapkv
 from ntk_attention.tuner import NTKModel
 
 from support.testing import assert_close

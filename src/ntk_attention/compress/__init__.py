@@ -5,18 +5,18 @@ NTK-Attention state (closed form is an initialisation, not a conversion: docs/re
                                                  system prompt, later turns through
                                                  chat.turns_after_system_ids)
     exact_prompt_state(model, prompt_ids)        prompt.py (the prompt's cache as a state, exactly)
-    convert_prefix(adapter_dir, base_model)      prefix.py
+    convert_prefix(adapter_dir, base_model)      peft_prefix.py
     CompressConfig                               config.py (state size, init, distillation)
 
 Inside: teacher.py (the prefix in the model's cache, sampled inputs, per-layer capture, the
 retrieval scores that choose the heads keeping every prompt token exactly),
-select.py (which prompt tokens to keep: by attention mass, sink + recent, SnapKV), state.py
+token_selection.py (which prompt tokens to keep: by attention mass, sink + recent, SnapKV), initial_state.py
 (sizing to a memory budget, initialisation), distill.py (layer-wise and end-to-end).
 """
 
 from .chat import system_prompt_ids, turns_after_system_ids
 from .config import CompressConfig, CompressError
-from .prefix import convert_prefix, read_peft_prefix
+from .peft_prefix import convert_prefix, read_peft_prefix
 from .prompt import CompressionReport, compress_prompt, exact_prompt_state
 
 __all__ = [

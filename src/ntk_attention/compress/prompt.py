@@ -33,7 +33,7 @@ from ..tuner import NTKModel, get_ntk_model
 from .chat import system_prompt_ids
 from .config import CompressConfig, CompressError
 from .distill import distil_end_to_end, distil_layers
-from .state import adapter_numel, initialise, ntk_config_for
+from .initial_state import adapter_numel, initialise, ntk_config_for
 from .teacher import (
     DistillData,
     PrefixKV,

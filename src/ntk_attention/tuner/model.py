@@ -109,6 +109,11 @@ class NTKModel(PeftModel):
     # PeftModel's properties of this name read PEFT internals this class does not have: a
     # plain class attribute shadows the property, and each instance sets its own dict.
     peft_config = None
+    # How the adapter was made, when a compress function made it (None otherwise): the
+    # CompressionReport of ``compress.compress_prompt`` and the record of
+    # ``compress.convert_prefix``. Kept in memory only; the CLI writes them beside the adapter.
+    compression = None
+    conversion = None
 
     def __init__(self, model: nn.Module, config: NTKConfig, adapter_name: str = "default") -> None:
         nn.Module.__init__(self)

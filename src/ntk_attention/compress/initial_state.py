@@ -33,8 +33,8 @@ from ..ops import prefix_to_state
 from ..tuner import NTKConfig, NTKModel, NTKState, adapter_feature_map, read_state, write_state
 from ..tuner.layer import Geometry
 from .config import CompressConfig, CompressError
-from .select import by_mass
 from .teacher import PrefixKV, attention_layers
+from .token_selection import by_mass
 
 __all__ = ["adapter_numel", "initialise", "ntk_config_for"]
 
