@@ -6,9 +6,8 @@ adapter.
 """
 
 from . import ops
+from ._version import __version__
 from .ops import ntk_attention, prefix_attention
-
-__version__ = "0.1.0"
 
 __all__ = ["__version__", "ntk_attention", "ops", "prefix_attention"]
 

@@ -19,7 +19,6 @@ PEFT_TYPE = "NTK_ATTENTION"
 INITS = ("zeros", "normal")
 
 # The op paths ("auto" follows the base model: its sdpa kernel -> "lse", eager -> "naive").
-IMPLEMENTATIONS = ("auto", "lse", "fused", "naive")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +51,7 @@ class NTKConfig:
       seed             draws random feature maps ("favor", "exp") and low-rank Z_A.
       learn_log_scale  add a trainable per-KV-head log scale of the state (``ntk_log_scale``):
                        a state whose features overflow float32 keeps its scale in log space.
-      implementation   "auto", "lse", "fused" or "naive" (see IMPLEMENTATIONS).
+      implementation   "auto", "lse", "fused" or "naive" (ops.IMPLEMENTATIONS, or "auto": the op picks).
       exact_heads      ((layer, kv_head), ...): KV heads that also keep ``exact_tokens`` tokens
                        exactly (keys ``ntk_exact_keys`` and values ``ntk_exact_values``
                        [n, exact_tokens, D] in the layers that have such heads), e.g. the
@@ -150,9 +149,12 @@ class NTKConfig:
             raise ValueError(f"learn_log_scale must be a bool, got {self.learn_log_scale!r}")
         if not isinstance(self.gated, bool):
             raise ValueError(f"gated must be a bool, got {self.gated!r}")
-        if self.implementation not in IMPLEMENTATIONS:
+        from ..ops import IMPLEMENTATIONS
+
+        choices = ("auto", *sorted(IMPLEMENTATIONS))
+        if self.implementation not in choices:
             raise ValueError(
-                f"implementation must be one of {IMPLEMENTATIONS}, got {self.implementation!r}"
+                f"implementation must be one of {choices}, got {self.implementation!r}"
             )
         check_sink_tokens(self.sink_tokens, auto=True)
         self._validate_exact_heads()

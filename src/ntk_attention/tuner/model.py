@@ -738,7 +738,7 @@ def _device_of(module: nn.Module) -> torch.device:
 
 
 def _library_version() -> str:
-    from .. import __version__
+    from .._version import __version__
 
     return __version__
 
