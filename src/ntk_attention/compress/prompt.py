@@ -185,7 +185,8 @@ def compress_prompt(
     if config.exact_head_count(prefix.layers * prefix.geometry.kv_heads, prefix.kv_cache_numel()):
         mark = time.perf_counter()
         try:
-            retrieval = retrieval_scores(model, prefix, ids, length=config.sample_length)
+            retrieval = retrieval_scores(model, prefix, ids, length=config.sample_length,
+                                         progress=progress)
         except CompressError:
             if config.exact_heads is not None:  # asked for: say why it cannot be done
                 raise

@@ -286,7 +286,7 @@ def sample_continuations(
         logits = first_logits.reshape(1, -1).expand(count, -1)
     tokens = []
     steps = length - start.shape[1]
-    for step in tqdm(range(steps), desc="sampling continuations", disable=not progress, leave=False):
+    for step in tqdm(range(steps), desc="sampling continuations", disable=not progress):
         token = _top_p_sample(logits, top_p, temperature, generator)
         tokens.append(token)
         if step + 1 < steps:
@@ -318,6 +318,7 @@ def retrieval_scores(
     length: int = 64,
     skip: int = 4,
     chunk: int = 4,
+    progress: bool = False,
 ) -> torch.Tensor:
     """How much each KV head copies from the prompt: [layers, Hkv] in [0, 1].
 
@@ -345,7 +346,9 @@ def retrieval_scores(
     device = _device(model)
     total = torch.zeros(len(layers), g.kv_heads, dtype=torch.float64)
     positions = torch.arange(skip, length, device=device)
-    for first in range(0, starts.numel(), chunk):
+    from tqdm.auto import tqdm
+
+    for first in tqdm(range(0, starts.numel(), chunk), desc="retrieval heads", disable=not progress):
         part = starts[first : first + chunk]
         rows = torch.stack([ids[int(s) : int(s) + length] for s in part]).to(device)
         # target[row, j]: the prompt position that followed window token j the first time
@@ -384,7 +387,7 @@ def capture(
     ids = input_ids.to(_device(model))
     parts: list[dict[str, torch.Tensor]] = []
     mass = None
-    for start in tqdm(range(0, ids.shape[0], chunk), desc="teacher", disable=not progress, leave=False):
+    for start in tqdm(range(0, ids.shape[0], chunk), desc="teacher capture", disable=not progress):
         rows = ids[start : start + chunk]
         with _recording(model, mass_keys=prefix.length, mass_queries=None) as recorder:
             out = model(input_ids=rows, past_key_values=prefix.cache(rows.shape[0]), use_cache=True)
