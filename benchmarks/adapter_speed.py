@@ -43,12 +43,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -56,6 +53,7 @@ from pathlib import Path
 
 import torch
 
+from ntk_attention import provenance
 from ntk_attention.models import minilm_path, smollm2_path
 from ntk_attention.train.methods import MethodOptions, build_method
 
@@ -300,38 +298,8 @@ def _decoding_merge() -> str:
 
 
 def environment() -> dict:
-    import peft
-    import transformers
-
-    root = Path(__file__).resolve().parent.parent
-
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", *args], cwd=root, capture_output=True, text=True, check=False
-        ).stdout
-
-    cpu = next((line.split(":", 1)[1].strip() for line in
-                Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
-               platform.processor())
-    commit = git("rev-parse", "HEAD").strip() or os.environ.get("NTK_GIT_COMMIT", "unknown")
-    return {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "git_commit": commit,
-        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no").strip()),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "decoding_merge": _decoding_merge(),
-        "machine": {
-            "platform": platform.platform(),
-            "cpu": cpu,
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "load_average": os.getloadavg(),
-        },
-    }
+    """The provenance record (``ntk_attention.provenance``) and which decoding merge ran."""
+    return {**provenance.environment(), "decoding_merge": _decoding_merge()}
 
 
 def parse_args() -> argparse.Namespace:
@@ -376,16 +344,12 @@ def main() -> None:
     print(table)
     if args.output:
         env = environment()
-        env["machine"]["load_average_before"] = load_before
+        env["hardware"]["load_average_before"] = list(load_before)
         args.output.parent.mkdir(parents=True, exist_ok=True)
         header = (
-            f"# Adapter speed (cpu)\n\n`{env['command']}` at {env['git_commit'][:12]}"
-            f"{' (dirty)' if env['git_dirty'] else ''}; torch {env['torch']}, transformers "
-            f"{env['transformers']}, peft {env['peft']}; NTK decoding merge "
-            f"{env['decoding_merge']}; {env['machine']['cpu']} "
-            f"({env['machine']['cpu_count']} cores shared with other jobs, "
-            f"{env['machine']['torch_threads']} torch threads; 1-min load average "
-            f"{load_before[0]:.1f} before, {env['machine']['load_average'][0]:.1f} after).\n\n"
+            f"# Adapter speed (cpu)\n\n{provenance.summary_line(env)} NTK decoding merge "
+            f"{env['decoding_merge']}. The cores are shared with other jobs: 1-min load average "
+            f"{load_before[0]:.1f} before, {env['hardware']['load_average'][0]:.1f} after.\n\n"
         )
         args.output.with_suffix(".md").write_text(header + table)
         record = {**env, "config": dataclasses.asdict(config),

@@ -29,18 +29,15 @@ B*H*L^2*4 bytes, 8.6 GB at L = 8192).
     python benchmarks/attention_speed.py --device cuda --output docs/results/attention_speed_cuda
 
 Results record the command, git commit (``NTK_GIT_COMMIT`` where the tree has no history),
-torch version and machine.
+package versions and machine (``ntk_attention.provenance``).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import math
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -51,6 +48,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ntk_attention import provenance
 from ntk_attention.ops import ntk_attention, prefix_attention
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -298,35 +296,13 @@ def markdown(config: Config, rows: list[dict], memory: dict | None) -> str:
 
 
 def environment(config: Config) -> dict:
-    root = Path(__file__).resolve().parent.parent
-
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", *args], cwd=root, capture_output=True, text=True, check=False
-        ).stdout
-
-    cpu = next((line.split(":", 1)[1].strip() for line in
-                Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
-               platform.processor())
-    commit = git("rev-parse", "HEAD").strip()
-    if len(commit) != 40:  # a copy of the tree without its history (e.g. on a GPU machine)
-        commit = os.environ.get("NTK_GIT_COMMIT", "unknown")
-    return {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "git_commit": commit,
-        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no").strip()),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "machine": {
-            "platform": platform.platform(),
-            "cpu": cpu,
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "gpu": torch.cuda.get_device_name() if config.device == "cuda" else None,
-            "cuda": torch.version.cuda if config.device == "cuda" else None,
-        },
-    }
+    """The provenance record (``ntk_attention.provenance``); its ``hardware.cuda`` (the GPU's
+    name) only when the benchmark ran on it, with the CUDA version beside it."""
+    env = provenance.environment()
+    on_gpu = config.device == "cuda"
+    env["hardware"]["cuda"] = env["hardware"]["cuda"] if on_gpu else None
+    env["hardware"]["cuda_version"] = torch.version.cuda if on_gpu else None
+    return env
 
 
 def parse_args() -> argparse.Namespace:
@@ -376,11 +352,7 @@ def main() -> None:
     if args.output:
         env = environment(config)
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        header = (f"# Attention speed ({config.device})\n\n`{env['command']}` at "
-                  f"{env['git_commit'][:12]}{' (dirty)' if env['git_dirty'] else ''}, torch "
-                  f"{env['torch']}, {env['machine']['gpu'] or env['machine']['cpu']} "
-                  f"({env['machine']['cpu_count']} cores, {env['machine']['torch_threads']} "
-                  f"torch threads).\n\n")
+        header = f"# Attention speed ({config.device})\n\n{provenance.summary_line(env)}\n\n"
         args.output.with_suffix(".md").write_text(header + table)
         record = {**env, "config": dataclasses.asdict(config), "speed": rows,
                   "memory": memory, "table": table}

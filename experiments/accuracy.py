@@ -19,10 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import shlex
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,13 +136,14 @@ def summarise(records: list[dict]) -> list[dict]:
 
 
 def markdown(rows: list[dict], args: argparse.Namespace, scale: Scale, env: dict) -> str:
+    from ntk_attention.provenance import summary_line
+
     lines = [
         f"# {args.title}",
         "",
-        f"`{env['command']}`",
+        summary_line(env),
         "",
-        (f"Machine: {env['machine']}; torch {env['torch']}, transformers "
-         f"{env['transformers']}, peft {env['peft']}; wall time {env['wall_s'] / 60:.0f} min "
+        (f"Wall time {env['wall_s'] / 60:.0f} min "
          f"(this invocation; runs already on disk are read back, not redone); "
          f"{env.get('runs', 0)} runs, {env.get('training_s', 0.0) / 60:.0f} min of training "
          f"in all."),
@@ -194,15 +192,10 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def environment(started: float) -> dict:
-    import peft
-    import torch
-    import transformers
+    """The provenance record (``ntk_attention.provenance``) and this invocation's wall time."""
+    from ntk_attention.provenance import environment as provenance_environment
 
-    return {"command": "python " + shlex.join(sys.argv), "torch": torch.__version__,
-            "transformers": transformers.__version__, "peft": peft.__version__,
-            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                       f"{torch.get_num_threads()} torch threads",
-            "wall_s": time.perf_counter() - started}
+    return {**provenance_environment(), "wall_s": time.perf_counter() - started}
 
 
 def main() -> None:

@@ -36,9 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -46,6 +43,7 @@ import torch
 from tqdm import tqdm
 
 from ntk_attention.ops import get_feature_map, nonnegative, ntk_attention, prefix_to_state
+from ntk_attention.provenance import environment, summary_line
 
 HEAD_DIM = 64
 SEQ_LEN = 128
@@ -264,21 +262,6 @@ def plot(rows, columns, path):
     fig.savefig(path, dpi=120)
 
 
-def environment():
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                check=False).stdout.strip()
-    except OSError:
-        commit = "unknown"
-    return {
-        "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
-        "git_commit": commit,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "machine": f"{platform.machine()} {platform.processor()} threads={torch.get_num_threads()}",
-    }
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--min-log2", type=int, default=4)
@@ -307,8 +290,7 @@ def main(argv=None):
         meta = environment()
         args.output.with_suffix(".json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
         args.output.with_suffix(".md").write_text(
-            f"# Approximation error vs prefix length\n\nCommand: `{meta['command']}`  \n"
-            f"git {meta['git_commit']}, torch {meta['torch']}, {meta['machine']}\n\n"
+            f"# Approximation error vs prefix length\n\n{summary_line(meta)}\n\n"
             "Relative error ||approx - exact|| / ||exact|| of NTK-Attention against exact prefix "
             "attention on held-out sequences. `no_state` = the prefix dropped. Regime `smollm2`: "
             "SmolLM2-135M's own keys/values, median over 9 heads (the JSON has each head).\n\n"

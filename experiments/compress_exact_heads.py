@@ -17,10 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import shlex
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,6 +28,7 @@ from ntk_attention.compress import CompressConfig
 from ntk_attention.compress.distill import kl_divergence
 from ntk_attention.compress.prompt import compress_prefix
 from ntk_attention.compress.teacher import capture, prompt_prefix, retrieval_scores
+from ntk_attention.provenance import environment, summary_line
 
 sys.path.insert(0, str(Path(__file__).parent))
 import compress_prompt as shared  # noqa: E402  (model, documents, inputs, references)
@@ -79,8 +77,7 @@ def markdown(document) -> str:
     rows = document["rows"]
     titles = list(dict.fromkeys(r["document"] for r in rows))
     out = ["# Exact (retrieval) heads: how many (SmolLM2-135M, 512-token prompts)", "",
-           f"Command: `{document['command']}`", "",
-           f"git {document['git_commit']}, torch {torch.__version__}; CPU, 1 torch thread.", "",
+           summary_line(document), "",
            "Share of the no-prompt KL gap closed on the 64-token continuation, per document; r is "
            "the virtual tokens per KV head left by the budget.", "",
            "| budget | exact heads | r | " + " | ".join(titles) + " | mean | time (s) |",
@@ -114,10 +111,7 @@ def main() -> None:
         title, ids = found[index]
         print(title, flush=True)
         rows += run_document(model, title, ids, args.settings, args.seed)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                            check=False).stdout.strip()
-    document = {"command": shlex.join(["python", *sys.argv]), "git_commit": commit,
-                "python": platform.python_version(), "settings": args.settings, "rows": rows}
+    document = {**environment(), "settings": args.settings, "rows": rows}
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.with_suffix(".json").write_text(json.dumps(document, indent=2) + "\n")

@@ -47,11 +47,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import shlex
 import statistics
-import subprocess
-import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -72,6 +68,7 @@ from ntk_attention.compress.teacher import (
     sample_continuations,
 )
 from ntk_attention.compress.token_selection import sink_and_recent, snapkv
+from ntk_attention.provenance import environment, summary_line
 from ntk_attention.tuner import NTKConfig, get_ntk_model
 
 EVAL_TOKENS = 64
@@ -384,9 +381,7 @@ def targets(results: list[dict]) -> list[str]:
 
 def markdown(document: dict) -> str:
     out = ["# Compressing a prompt into a trained state (SmolLM2-135M)", "",
-           f"Command: `{document['command']}`", "",
-           (f"git {document['git_commit']}, torch {document['versions']['torch']}, transformers "
-            f"{document['versions']['transformers']}; {document['hardware']['description']}."), ""]
+           summary_line(document), ""]
     out += ["Documents: " + ", ".join(f"{d['title']} (m = {d['prompt_tokens']})" for d in document["documents"]) + ".", ""]
     out += ["## Targets", ""] + [f"- {line}" for line in document["targets"]] + [""]
     for m, methods in document["summary"].items():
@@ -475,18 +470,8 @@ def main() -> None:
             print(f"{title} (m = {m})", flush=True)
             results.append(run_document(model, title, ids, m, args, lambda line: print(line, flush=True)))
     decode = decode_latency(model, args.decode_lengths) if args.decode_lengths else []
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                            check=False).stdout.strip()
-    import transformers
-
     document = {
-        "command": shlex.join(["python", *sys.argv]),
-        "git_commit": commit,
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "python": platform.python_version()},
-        "hardware": {"machine": platform.machine(), "cpu_count": os.cpu_count(),
-                     "torch_threads": torch.get_num_threads(),
-                     "description": f"CPU ({os.cpu_count()} cores, shared), {torch.get_num_threads()} torch thread(s)"},
+        **environment(),
         "settings": {"eval_tokens": EVAL_TOKENS, "fractions": FRACTIONS, "steps": args.steps,
                      "seed": args.seed, "skip": args.skip},
         "documents": [{"title": d["title"], "prompt_tokens": d["prompt_tokens"]} for d in results],

@@ -22,13 +22,13 @@ import json
 import os
 import shlex
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 from ntk_attention.compress import CompressConfig, convert_prefix
+from ntk_attention.provenance import environment, summary_line
 
 VARIANTS = {
     "exp r=8": CompressConfig(r=8, memory_fraction=None),
@@ -88,16 +88,13 @@ def main() -> None:
         print(f"{name:18s} mem {report.memory_fraction:.3f}  KL {conversion['held_out']['kl']:.4f}  "
               f"top-1 {conversion['held_out']['top1']:.3f}  ppl PEFT {ppl['peft_prefix']:.2f} NTK "
               f"{ppl['ntk']:.2f} base {ppl['base']:.2f}  {seconds:.0f} s", flush=True)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
-    document = {"command": shlex.join(["python", *sys.argv]), "git_commit": commit,
-                "torch": torch.__version__, "adapter": str(adapter), "rows": rows}
+    document = {**environment(), "adapter": str(adapter), "rows": rows}
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.with_suffix(".json").write_text(json.dumps(document, indent=2) + "\n")
     evaluation = rows[0]["eval_text"]
     lines = ["# A trained PEFT prefix converted into NTK-Attention states (SmolLM2-135M, wiki-lm)", "",
-             f"Command: `{document['command']}`", "",
-             f"git {commit}, torch {torch.__version__}; CPU, {args.threads} torch thread(s).", "",
+             summary_line(document), "",
              (f"PEFT prefix tuning, 64 virtual tokens, trained on wiki-lm (lr {args.prefix_lr}, 192 rows, 2 epochs). "
               f"Agreement: KL(PEFT || NTK) and top-1 on 4 held-out sampled continuations. Perplexity: "
               f"wiki-lm test passages, {evaluation['windows']} windows of {evaluation['tokens']} tokens. "

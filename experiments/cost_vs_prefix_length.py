@@ -42,10 +42,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -56,6 +54,7 @@ from pathlib import Path
 import torch
 
 from ntk_attention.models import minilm_path, smollm2_path
+from ntk_attention.provenance import environment, summary_line
 from ntk_attention.train.methods import MethodOptions, build_method, count_parameters
 
 MODELS = ("smollm2", "minilm")
@@ -367,33 +366,6 @@ def plot(config: Config, results: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def environment(config: Config) -> dict:
-    import peft
-    import transformers
-
-    root = Path(__file__).resolve().parent.parent
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
-                              check=False).stdout
-
-    cpu = next((line.split(":", 1)[1].strip() for line in
-                Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
-               platform.processor())
-    return {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "git_commit": git("rev-parse", "HEAD").strip() or os.environ.get("NTK_GIT_COMMIT", "unknown"),
-        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no").strip()),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "machine": {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads(), "load_average": os.getloadavg()},
-    }
-
-
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="m in {1, 64}, 1 round, no memory")
@@ -450,18 +422,14 @@ def main() -> None:
     body = "\n\n".join(sections) + "\n"
     print(body)
     if args.output:
-        env = environment(config)
-        env["machine"]["load_average_before"] = load_before
+        env = environment()
+        env["hardware"]["load_average_before"] = list(load_before)
         args.output.parent.mkdir(parents=True, exist_ok=True)
         plot(config, results, args.output.with_suffix(".png"))
         header = (
-            f"# Cost vs prefix length (cpu)\n\n`{env['command']}` at {env['git_commit'][:12]}"
-            f"{' (dirty)' if env['git_dirty'] else ''}; torch {env['torch']}, transformers "
-            f"{env['transformers']}, peft {env['peft']}; {env['machine']['cpu']} "
-            f"({env['machine']['cpu_count']} cores shared with other jobs, "
-            f"{env['machine']['torch_threads']} torch thread; 1-min load average "
-            f"{load_before[0]:.1f} before, {env['machine']['load_average'][0]:.1f} after; "
-            f"{minutes:.1f} min).\n\n"
+            f"# Cost vs prefix length (cpu)\n\n{summary_line(env)} The cores are shared with "
+            f"other jobs: 1-min load average {load_before[0]:.1f} before, "
+            f"{env['hardware']['load_average'][0]:.1f} after; {minutes:.1f} min.\n\n"
             f"Times are medians of {config.rounds} (training) and {config.infer_rounds} "
             "(inference) interleaved rounds; a ratio is the median "
             "over rounds of the two contenders' times in the same round. NTK-Attention's state "

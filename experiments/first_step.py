@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import sys
 from pathlib import Path
@@ -133,10 +132,9 @@ def main() -> None:
 
     args.output.parent.mkdir(parents=True, exist_ok=True)
     command = "python " + shlex.join(sys.argv)
-    from ntk_attention.provenance import environment
+    from ntk_attention.provenance import environment, summary_line
 
-    env = {"command": command, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-           "torch": torch.__version__, "threads": args.threads, **environment(command)}
+    env = {**environment(command), "threads": args.threads}
     args.output.with_suffix(".json").write_text(
         json.dumps({"env": env, "base": base.tolist(), "records": records}, indent=1)
     )
@@ -144,10 +142,9 @@ def main() -> None:
     lines = [
         "# One optimizer step on a causal LM, per position (SmolLM2-135M, wiki-lm)",
         "",
-        f"`{command}`",
+        summary_line(env),
         "",
-        f"{env['machine']}, torch {env['torch']}, {args.threads} thread(s), commit "
-        f"{str(env['git'].get('commit'))[:12]}. Mean NLL of the "
+        "Mean NLL of the "
         f"next token at each position of {args.batch} held-out validation passages "
         f"({args.length} tokens), after one AdamW step on {args.batch} training passages; "
         "the untrained model first. Position t predicts token t + 1 having seen t + 1 tokens.",

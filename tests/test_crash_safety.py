@@ -133,7 +133,7 @@ _CHILD = textwrap.dedent(
         elif kind == "adapter":
             ntk.save_pretrained(root / "adapter")
         else:  # the end of a finetune run: the adapter directory is replaced as a whole
-            from ntk_attention.train.checkpoint import atomic_directory
+            from ntk_attention.atomic_files import atomic_directory
             with atomic_directory(root / "adapter") as tmp:
                 ntk.save_pretrained(tmp)
 

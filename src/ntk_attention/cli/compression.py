@@ -14,7 +14,6 @@ local model directory or a name from ``ntk_attention.models.MODEL_PATHS`` (e.g.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 from pathlib import Path
@@ -181,10 +180,9 @@ def _record_name(args: argparse.Namespace) -> str:
 
 
 def _write_json(path: Path, document: dict[str, Any]) -> None:
-    from ..tuner.save_load import atomic_write
+    from ..atomic_files import atomic_write_json
 
-    text = json.dumps(document, indent=2) + "\n"
-    atomic_write(path, lambda p: Path(p).write_text(text))
+    atomic_write_json(path, document)
 
 
 def run_compress_prompt(args: argparse.Namespace) -> int:

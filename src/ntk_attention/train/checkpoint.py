@@ -1,10 +1,9 @@
-"""Crash-safe files for training runs: atomic writes, and checkpoints that resume a run exactly.
+"""Checkpoints that resume a training run exactly, written crash-safe.
 
-Every write goes to a temporary name in the target's directory and is moved into place with
-``os.replace`` after an fsync, so a crash (even SIGKILL) leaves either the old file or the new
-one, never a torn one. A checkpoint is a directory written the same way (built under a
-temporary name, then renamed), and ``checkpoints/latest.json`` names the newest complete one;
-the pointer is replaced only after the directory is in place.
+A checkpoint is a directory built under a temporary name and renamed into place
+(``ntk_attention.atomic_files``), so a crash (even SIGKILL) leaves either the old checkpoint
+or the new one, never a torn one; ``checkpoints/latest.json`` names the newest complete one
+and is replaced only after the directory is in place.
 
 A checkpoint holds no pickles (see SECURITY.md):
 
@@ -18,14 +17,11 @@ A checkpoint holds no pickles (see SECURITY.md):
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
 import shutil
-import tempfile
-import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +30,10 @@ import safetensors.torch
 import torch
 from safetensors import SafetensorError
 
+from ..atomic_files import atomic_directory, atomic_write_json
+
 __all__ = [
     "CheckpointError",
-    "atomic_directory",
-    "atomic_write_bytes",
-    "atomic_write_json",
     "capture_rng",
     "latest_checkpoint",
     "load_checkpoint",
@@ -53,84 +48,6 @@ LATEST = "latest.json"
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used: missing, torn, or from another run (the message says
     which file and what does not match)."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Atomic writes
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-# Temporary files and folders are created private (0600 / 0700); what is moved into place gets
-# the permissions an ordinary open() / mkdir() would have given it.
-_FILE_MODE = 0o666 & ~_umask()
-_DIR_MODE = 0o777 & ~_umask()
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file in the same directory + os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), _FILE_MODE)
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_path(path.parent)
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    """``obj`` as indented JSON, written atomically."""
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
-
-
-@contextlib.contextmanager
-def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary directory beside ``target``; on a clean exit it replaces ``target``.
-
-    On an exception the temporary directory is removed and ``target`` is left as it was.
-    Replacing an existing ``target`` takes two renames (old away, new in); a crash between
-    them leaves the old one under a ``.old-`` name and no ``target``, never a mix of both.
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    os.chmod(tmp, _DIR_MODE)
-    try:
-        yield tmp
-        for file in tmp.rglob("*"):
-            if file.is_file():
-                _fsync_path(file)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, target)
-        _fsync_path(target.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------

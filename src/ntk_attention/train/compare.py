@@ -17,8 +17,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..atomic_files import atomic_write_bytes, atomic_write_json
 from ..provenance import environment
-from .checkpoint import atomic_write_bytes, atomic_write_json
 from .config import RunError, TrainConfig
 from .loop import train
 from .methods import METHODS

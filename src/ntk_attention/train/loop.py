@@ -30,8 +30,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..atomic_files import atomic_directory, atomic_write_json
 from ..provenance import environment
-from .checkpoint import atomic_directory, atomic_write_json, load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .distributed import Distributed
 from .distributed import setup as setup_distributed

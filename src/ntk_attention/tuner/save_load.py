@@ -8,8 +8,9 @@
                                      ``score.weight`` for modules_to_save); its metadata holds the
                                      SHA-256 of the config it was saved with
 
-Both files are written to a temporary file in the same folder and moved into place with
-``os.replace``, so a crash never leaves a half-written file under the real name. Loading checks
+Both files are written atomically (``ntk_attention.atomic_files``: a temporary file in the
+same folder, fsynced and moved into place), so a crash never leaves a half-written file under
+the real name, and they get the permissions an ordinary write would give. Loading checks
 everything before touching the model: the JSON, the config, the base model (layer count, heads,
 head dim, weights fingerprint), the safetensors header, keys, shapes, dtypes, finiteness, and
 that the two files belong together. Every failure is an :class:`AdapterLoadError` that says what
@@ -21,8 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..atomic_files import atomic_write, atomic_write_json
 from .config import PEFT_TYPE, NTKConfig
 from .layer import STATE_ATTR, Geometry
 
@@ -39,7 +40,6 @@ __all__ = [
     "FORMAT_VERSION",
     "WEIGHTS_NAME",
     "AdapterLoadError",
-    "atomic_write",
     "config_digest",
     "read_adapter_config",
     "read_adapter_tensors",
@@ -60,22 +60,6 @@ class AdapterLoadError(ValueError):
 
 
 # ------------------------------------------------------------------ writing
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write ``path`` through ``write(temp_path)`` and move it into place atomically."""
-    path = Path(path)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(temp)
-        with open(temp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        if os.path.exists(temp):
-            os.unlink(temp)
-        raise
-
-
 # NTKConfig fields added after format 1 -> what a file without them means (sink_tokens: every
 # query read the state before the field existed).
 _LEGACY_DEFAULTS = {"sink_tokens": 0, "gated": False}
@@ -114,8 +98,7 @@ def write_adapter(
         "base_model_name_or_path": base_record.get("name_or_path"),
         "base_model": base_record,
     }
-    text = json.dumps(document, indent=2, sort_keys=True) + "\n"
-    atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(text))
+    atomic_write_json(directory / CONFIG_NAME, document, sort_keys=True)
 
 
 # ------------------------------------------------------------------ reading
