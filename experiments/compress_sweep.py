@@ -110,7 +110,7 @@ def run_document(model, title, ids, settings, seed):
 def markdown(document) -> str:
     rows = document["rows"]
     titles = list(dict.fromkeys(r["document"] for r in rows))
-    out = ["# Compression settings on the tuning documents (SmolLM2-135M, 512-token prompts)", "",
+    out = ["# Compression settings side by side (SmolLM2-135M, 512-token prompts)", "",
            summary_line(document["environment"]), "",
            "Share of the no-prompt KL gap closed on the 64-token continuation; r = virtual tokens "
            "per KV head left by the budget, heads = exact (retrieval) heads; time = the "
