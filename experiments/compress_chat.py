@@ -83,9 +83,9 @@ def no_prompt(model, m):
 
 
 @contextlib.contextmanager
-def compressed(model, tokenizer, system, fraction, seed):
+def compressed(model, tokenizer, system, fraction, seed, exact_heads=None):
     ntk = compress_prompt(model, tokenizer, system, chat=True, seed=seed, progress=False,
-                          config=CompressConfig(memory_fraction=fraction))
+                          config=CompressConfig(memory_fraction=fraction, exact_heads=exact_heads))
     try:
         yield ntk
     finally:
@@ -124,7 +124,7 @@ def evaluate(method_model, prefix_ids, questions, tokenizer, full_replies, full_
     return rows
 
 
-def run_prompt(model, tokenizer, spec, budgets, seed, log):
+def run_prompt(model, tokenizer, spec, budgets, seed, log, exact_heads=None):
     system = spec["system"]
     questions = spec["questions"]
     system_ids = system_prompt_ids(tokenizer, system)
@@ -151,10 +151,12 @@ def run_prompt(model, tokenizer, spec, budgets, seed, log):
         fraction = BUDGETS[name]
         tokens = max(1, int(fraction * m))
         heads = layers * kv_heads
-        exact = choose_exact_heads(CompressConfig(memory_fraction=fraction), prefix, retrieval)
+        exact = choose_exact_heads(CompressConfig(memory_fraction=fraction, exact_heads=exact_heads),
+                                   prefix, retrieval)
         rest = (heads * tokens - len(exact) * m) // (heads - len(exact))
         methods += [
-            (f"state {name}", lambda f=fraction: compressed(model, tokenizer, system, f, seed), None),
+            (f"state {name}", lambda f=fraction: compressed(model, tokenizer, system, f, seed,
+                                                            exact_heads), None),
             (f"sink+recent {name}", lambda t=tokens: token_state(
                 model, prefix, sink_and_recent(m, t, layers, kv_heads, sink=4)), tokens / m),
             (f"snapkv {name}", lambda t=tokens: token_state(model, prefix, snapkv(window_mass, t)),
@@ -227,6 +229,9 @@ def main() -> None:
     parser.add_argument("--budgets", nargs="+", default=list(BUDGETS), choices=list(BUDGETS))
     parser.add_argument("--split", default="report", choices=["report", "tuning"],
                         help="which prompts of the data file (default: report)")
+    parser.add_argument("--exact-heads", type=int,
+                        help="retrieval heads of the state and of retrieval+recent (default: the "
+                        "recipe's count for the budget)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", required=True)
@@ -235,8 +240,9 @@ def main() -> None:
     model, tokenizer = shared.load_model()
     specs = [spec for spec in json.loads(DATA.read_text()) if spec["split"] == args.split]
     prompts = [run_prompt(model, tokenizer, spec, args.budgets, args.seed,
-                          lambda line: print(line, flush=True)) for spec in specs]
-    document = {"environment": environment(), "split": args.split, "prompts": prompts,
+                          lambda line: print(line, flush=True), args.exact_heads) for spec in specs]
+    document = {"environment": environment(), "split": args.split,
+                "exact_heads": args.exact_heads, "prompts": prompts,
                 "summary": summary(prompts)}
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
