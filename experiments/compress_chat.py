@@ -43,7 +43,6 @@ from ntk_attention.compress import (
     turns_after_system_ids,
 )
 from ntk_attention.compress.distill import kl_divergence
-from ntk_attention.compress.initial_state import initialise
 from ntk_attention.compress.prompt import choose_exact_heads
 from ntk_attention.compress.teacher import prompt_prefix, retrieval_scores
 from ntk_attention.compress.token_selection import sink_and_recent, snapkv
@@ -51,25 +50,11 @@ from ntk_attention.provenance import environment, summary_line
 from ntk_attention.tuner import NTKConfig, get_ntk_model
 
 sys.path.insert(0, str(Path(__file__).parent))
-import compress_prompt as shared  # noqa: E402  (the model)
+import compress_prompt as shared  # noqa: E402  (the model, eviction states)
 
 DATA = Path(__file__).parent / "data" / "chat_system_prompts.json"
 NEW_TOKENS = 32
 BUDGETS = {"1/8": 1 / 8, "1/32": 1 / 32}
-
-
-@contextlib.contextmanager
-def token_state(model, prefix, selection, exact_heads=()):
-    """Eviction: the selected prompt tokens kept exactly (``exact_heads`` keep every token)."""
-    exact = dict(exact_heads=exact_heads, exact_tokens=prefix.length) if exact_heads else {}
-    config = NTKConfig(feature_map="exp", r=selection.shape[-1], position_offset=prefix.length,
-                       sink_tokens=0, **exact)
-    ntk = get_ntk_model(model, config)
-    try:
-        initialise(ntk, prefix, CompressConfig(), None, selection=selection)
-        yield ntk
-    finally:
-        ntk.unload()
 
 
 @contextlib.contextmanager
@@ -157,11 +142,11 @@ def run_prompt(model, tokenizer, spec, budgets, seed, log, exact_heads=None):
         methods += [
             (f"state {name}", lambda f=fraction: compressed(model, tokenizer, system, f, seed,
                                                             exact_heads), None),
-            (f"sink+recent {name}", lambda t=tokens: token_state(
+            (f"sink+recent {name}", lambda t=tokens: shared.eviction_state(
                 model, prefix, sink_and_recent(m, t, layers, kv_heads, sink=4)), tokens / m),
-            (f"snapkv {name}", lambda t=tokens: token_state(model, prefix, snapkv(window_mass, t)),
+            (f"snapkv {name}", lambda t=tokens: shared.eviction_state(model, prefix, snapkv(window_mass, t)),
              tokens / m),
-            (f"retrieval+recent {name}", lambda r=rest, e=exact: token_state(
+            (f"retrieval+recent {name}", lambda r=rest, e=exact: shared.eviction_state(
                 model, prefix, sink_and_recent(m, r, layers, kv_heads, sink=4), exact_heads=e),
              ((heads - len(exact)) * rest + len(exact) * m) / (heads * m)),
         ]

@@ -49,7 +49,7 @@ import json
 import os
 import statistics
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from unittest import mock
 
@@ -121,9 +121,10 @@ def evaluate(ntk, continuation, full, eval_data) -> dict[str, float]:
     }
 
 
-def token_state(model, prefix: PrefixKV, selection: torch.Tensor, eval_args, exact_heads=()) -> dict:
-    """KV-cache eviction: the selected prompt tokens kept exactly (an exp state holding them);
-    ``exact_heads`` keep every token instead."""
+@contextmanager
+def eviction_state(model, prefix: PrefixKV, selection: torch.Tensor, exact_heads=()):
+    """KV-cache eviction as a model: the selected prompt tokens kept exactly (an exp state
+    holding them); ``exact_heads`` keep every token instead. Unloaded on exit."""
     exact = dict(exact_heads=exact_heads, exact_tokens=prefix.length) if exact_heads else {}
     # sink_tokens=0: the kept tokens are real prompt tokens, the sink among them, so every query
     # reads them (the decoder default, 1, would hide them from the continuation's first token)
@@ -132,9 +133,15 @@ def token_state(model, prefix: PrefixKV, selection: torch.Tensor, eval_args, exa
     ntk = get_ntk_model(model, config)
     try:
         initialise(ntk, prefix, CompressConfig(), None, selection=selection)
-        return evaluate(ntk, *eval_args)
+        yield ntk
     finally:
         ntk.unload()
+
+
+def token_state(model, prefix: PrefixKV, selection: torch.Tensor, eval_args, exact_heads=()) -> dict:
+    """The evaluation of :func:`eviction_state`."""
+    with eviction_state(model, prefix, selection, exact_heads) as ntk:
+        return evaluate(ntk, *eval_args)
 
 
 @torch.no_grad()
