@@ -1,14 +1,18 @@
 """The `compress-prompt` and `convert-prefix` commands (registered in ``cli.COMMANDS``).
 
-    ntk-attention compress-prompt --model DIR --prompt-file F --output DIR [--r N]
-                                  [--feature-map NAME] [--steps N]
+    ntk-attention compress-prompt --model DIR (--prompt-file F | --system-prompt-file F)
+                                  --output DIR [--memory-fraction F | --memory-mib N]
+                                  [--r N] [--feature-map NAME] [--steps N]
     ntk-attention convert-prefix SRC DST --base-model DIR [--feature-map NAME] [--r N]
                                  [--steps N]
 
 Both write an NTK adapter (``NTKModel.from_pretrained(base, DIR)`` loads it) and a JSON record
 of the run beside it (compression.json / conversion.json). ``--model``/``--base-model`` take a
 local model directory or a name from ``ntk_attention.models.MODEL_PATHS`` (e.g.
-``smollm2-135m``). Nothing heavy is imported until a command runs.
+``smollm2-135m``). ``--system-prompt-file`` compresses an instruct model's system prompt as
+its chat template's system turn (use the state with ``generate --chat``); ``--memory-mib``
+gives the state a fixed size whatever the prompt's length. Nothing heavy is imported until a
+command runs.
 """
 
 from __future__ import annotations
