@@ -50,6 +50,7 @@ import torch.nn.functional as F
 
 from ntk_attention import provenance
 from ntk_attention.ops import ntk_attention, prefix_attention
+from ntk_attention.train.peak_memory import peak_rss_growth
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -175,13 +176,6 @@ def measure_speed(config: Config) -> list[dict]:
     return rows
 
 
-def _read_status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def memory_child(config: Config, name: str) -> dict:
     """Peak memory of one forward of ``name`` at config.memory_length, in this process."""
     inputs = make_inputs(config, config.memory_length)
@@ -195,10 +189,7 @@ def memory_child(config: Config, name: str) -> dict:
             torch.cuda.synchronize()
             return {"peak_bytes": torch.cuda.max_memory_allocated() - before,
                     "method": "torch.cuda.max_memory_allocated - memory_allocated before"}
-        before = _read_status_kib("VmRSS")
-        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-        fn(inputs)
-        return {"peak_bytes": (_read_status_kib("VmHWM") - before) * 1024,
+        return {"peak_bytes": peak_rss_growth(lambda: fn(inputs)),
                 "method": "peak RSS (VmHWM after /proc/self/clear_refs) - RSS before, "
                           "fresh subprocess"}
 

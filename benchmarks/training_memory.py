@@ -32,16 +32,10 @@ import torch
 from ntk_attention.models import smollm2_path
 from ntk_attention.provenance import environment, summary_line
 from ntk_attention.train.methods import MethodOptions, build_method
+from ntk_attention.train.peak_memory import peak_rss_growth, status_bytes
 
 METHODS = ("ntk", "lora")
 TARGET = 1.1  # the NTK step's peak over LoRA's (issue 19)
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def measure(method: str, length: int, seed: int = 0) -> dict:
@@ -63,13 +57,11 @@ def measure(method: str, length: int, seed: int = 0) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    before = _status_kib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    step()
-    peak = _status_kib("VmHWM")
+    step_peak = peak_rss_growth(step)
+    process_peak = status_bytes("VmHWM")  # since the reset before the step
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"method": method, "length": length, "step_peak_bytes": (peak - before) * 1024,
-            "process_peak_bytes": peak * 1024, "trainable_parameters": trainable,
+    return {"method": method, "length": length, "step_peak_bytes": step_peak,
+            "process_peak_bytes": process_peak, "trainable_parameters": trainable,
             "saved_bytes": saved_for_backward_bytes(model, input_ids)}
 
 

@@ -56,6 +56,7 @@ import torch
 from ntk_attention.models import minilm_path, smollm2_path
 from ntk_attention.provenance import environment, summary_line
 from ntk_attention.train.methods import MethodOptions, build_method, count_parameters
+from ntk_attention.train.peak_memory import peak_rss_growth
 
 MODELS = ("smollm2", "minilm")
 
@@ -227,31 +228,16 @@ def measure_times(model_name: str, config: Config) -> dict:
 # ------------------------------------------------------------------------------ memory
 
 
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _peak_growth(fn: Callable[[], None]) -> int:
-    """Bytes of peak RSS above the RSS before ``fn`` (every page it touched)."""
-    before = _status_kib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    fn()
-    return (_status_kib("VmHWM") - before) * 1024
-
-
 def memory_child(model_name: str, name: str, config: Config) -> dict:
     torch.set_num_threads(1)
     runner = Runner(model_name, name, config)
     out = {}
     if name != "base":
         runner.train_step()  # warm-up: the optimizer state exists before the measured step
-        out["train_peak"] = _peak_growth(runner.train_step)
+        out["train_peak"] = peak_rss_growth(runner.train_step)
     if name != "lora":
         runner.infer()
-        out["infer_peak"] = _peak_growth(runner.infer)
+        out["infer_peak"] = peak_rss_growth(runner.infer)
     return out
 
 

@@ -1,15 +1,18 @@
-"""The peak memory of a block (the training loop), for a run's results record."""
+"""Peak memory: of a block (the training loop), for a run's results record, and of one call
+above the memory already resident (benchmarks and experiments)."""
 
 from __future__ import annotations
 
 import os
 import resource
 import threading
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["PeakMemory"]
+__all__ = ["PeakMemory", "peak_rss_growth", "status_bytes"]
 
 
 class PeakMemory:
@@ -52,3 +55,23 @@ class PeakMemory:
         if self.device.type == "cuda":
             out["cuda_allocated_mib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
         return out
+
+
+def status_bytes(field: str) -> int:
+    """A memory field of /proc/self/status in bytes, e.g. "VmRSS" (resident now) or "VmHWM"
+    (its high-water mark). Linux only."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024  # the file says kB
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_rss_growth(fn: Callable[[], Any]) -> int:
+    """Bytes of peak resident memory while ``fn()`` runs above the resident memory before it
+    (every page it touched): the kernel's high-water mark VmHWM, reset to the current RSS
+    through /proc/self/clear_refs, minus VmRSS before. Linux only; run it in a fresh process,
+    since memory an earlier call freed may still be resident and hide the peak."""
+    before = status_bytes("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    fn()
+    return status_bytes("VmHWM") - before
