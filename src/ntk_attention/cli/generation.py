@@ -97,9 +97,9 @@ def _formatted(tokenizer, prompt: str, chat: bool, after_system: bool = False) -
         raise InputError("--chat: the model's tokenizer has no chat template")
     turn = [{"role": "user", "content": prompt}]
     if after_system:
-        from ..compress.chat import turns_after_system_ids
+        from ..compress.chat import turns_after_system_text
 
-        return tokenizer.decode(turns_after_system_ids(tokenizer, turn)[0])
+        return turns_after_system_text(tokenizer, turn)
     return tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
 
 

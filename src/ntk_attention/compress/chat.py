@@ -27,7 +27,7 @@ import torch
 
 from .config import CompressError
 
-__all__ = ["system_prompt_ids", "turns_after_system_ids"]
+__all__ = ["system_prompt_ids", "turns_after_system_ids", "turns_after_system_text"]
 
 # Stands in for the system prompt when only the template's shape is needed.
 _PLACEHOLDER = "<<the system prompt>>"
@@ -75,13 +75,12 @@ def system_prompt_ids(tokenizer: Any, system_prompt: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def turns_after_system_ids(
+def turns_after_system_text(
     tokenizer: Any, messages: Sequence[dict], *, add_generation_prompt: bool = True
-) -> torch.Tensor:
-    """[1, n] token ids of the conversation ``messages`` (user / assistant turns, no system
-    turn) as the chat template renders it after a system prompt, the system turn cut off: the
-    input of a state made by ``compress_prompt(..., chat=True)`` (positions continue from the
-    state's)."""
+) -> str:
+    """The conversation ``messages`` (user / assistant turns, no system turn) as the chat
+    template renders it after a system prompt, the system turn cut off: the text a state made
+    by ``compress_prompt(..., chat=True)`` continues (tokenize it without special tokens)."""
     _template(tokenizer)
     messages = list(messages)
     if not messages:
@@ -91,5 +90,13 @@ def turns_after_system_ids(
         raise CompressError("messages hold a system turn: the system prompt is in the state")
     if None in roles:
         raise CompressError("each message must be a dict with a 'role' and 'content'")
-    _, rest = _split(tokenizer, _PLACEHOLDER, messages, add_generation_prompt)
-    return torch.tensor([_ids(tokenizer, rest)], dtype=torch.long)
+    return _split(tokenizer, _PLACEHOLDER, messages, add_generation_prompt)[1]
+
+
+def turns_after_system_ids(
+    tokenizer: Any, messages: Sequence[dict], *, add_generation_prompt: bool = True
+) -> torch.Tensor:
+    """[1, n] token ids of :func:`turns_after_system_text`: the input of a state made by
+    ``compress_prompt(..., chat=True)`` (positions continue from the state's)."""
+    text = turns_after_system_text(tokenizer, messages, add_generation_prompt=add_generation_prompt)
+    return torch.tensor([_ids(tokenizer, text)], dtype=torch.long)
