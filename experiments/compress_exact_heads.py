@@ -56,13 +56,7 @@ def run_document(model, title, ids, settings, seed):
         ntk = compress_prefix(model, prefix, inputs, config=config, seed=seed, progress=False,
                               data=data, retrieval=retrieval)
         seconds = shared_seconds + time.perf_counter() - mark
-        try:
-            with torch.no_grad():
-                log_probs = torch.log_softmax(ntk(input_ids=continuation).logits.float(), -1)
-            report = ntk.compression
-        finally:
-            ntk.unload()
-        kl = kl_divergence(full, log_probs)[0]
+        report, kl = shared.continuation_kl(ntk, continuation, full)
         row = {"document": title, "budget": budget, "exact_heads": int(count), "r": report.r,
                "memory_fraction": report.memory_fraction, "heads": report.exact_heads,
                "kl": kl.mean().item(), "closed": 1 - kl.mean().item() / no_prompt,

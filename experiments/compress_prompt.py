@@ -156,15 +156,31 @@ def references(model, prompt: torch.Tensor, continuation: torch.Tensor) -> tuple
     return full, none
 
 
-def distillation_inputs(model, prefix: PrefixKV, first_logits, prompt: torch.Tensor, seed: int):
-    """compress_prompt's default inputs: 8 sampled continuations of 64 tokens (top-p 0.95) and
-    4 re-read windows of the prompt."""
+def distillation_inputs(model, prefix: PrefixKV, first_logits, prompt: torch.Tensor, seed: int,
+                        config: CompressConfig | None = None):
+    """compress_prompt's inputs as ``config`` says (default: 8 sampled continuations of 64
+    tokens, top-p 0.95, and 4 re-read windows of the prompt)."""
+    config = CompressConfig() if config is None else config
     generator = torch.Generator().manual_seed(seed)
     sampled = sample_continuations(
-        model, prefix, first_logits, 8, 64, top_p=0.95, temperature=1.0,
-        generator=torch.Generator().manual_seed(seed),
+        model, prefix, first_logits, config.samples, config.sample_length, top_p=config.top_p,
+        temperature=config.temperature, generator=torch.Generator().manual_seed(seed),
     )
-    return torch.cat([sampled, reread_windows(prompt, 4, 64, generator)])
+    return torch.cat([sampled, reread_windows(prompt, config.rereads, config.sample_length,
+                                              generator)])
+
+
+def continuation_kl(ntk, continuation: torch.Tensor, full: torch.Tensor):
+    """(the state's CompressionReport, KL(full-prompt model || state) per continuation
+    position): ``ntk`` (a compressed state) reads ``continuation`` [1, n] alone, then is
+    unloaded."""
+    try:
+        with torch.no_grad():
+            log_probs = torch.log_softmax(ntk(input_ids=continuation).logits.float(), -1)
+        report = ntk.compression
+    finally:
+        ntk.unload()
+    return report, kl_divergence(full, log_probs)[0]
 
 
 def run_document(model, title, ids, m, args, log) -> dict:

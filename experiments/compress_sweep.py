@@ -30,9 +30,7 @@ from ntk_attention.compress.prompt import compress_prefix
 from ntk_attention.compress.teacher import (
     capture,
     prompt_prefix,
-    reread_windows,
     retrieval_scores,
-    sample_continuations,
 )
 from ntk_attention.provenance import environment, summary_line
 
@@ -40,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import compress_prompt as shared  # noqa: E402  (model, documents, references)
 
 PROMPT, EVAL = 512, shared.EVAL_TOKENS
-_INPUT_FIELDS = ("samples", "rereads", "sample_length")
+_INPUT_FIELDS = ("samples", "sample_length", "top_p", "temperature", "rereads")
 
 
 def parse_setting(text: str) -> tuple[str, dict]:
@@ -75,14 +73,7 @@ def run_document(model, title, ids, settings, seed):
         key = tuple(getattr(config, name) for name in _INPUT_FIELDS) + (config.e2e_steps > 0,)
         if key not in prepared:
             mark = time.perf_counter()
-            generator = torch.Generator().manual_seed(seed)
-            sampled = sample_continuations(
-                model, prefix, first_logits, config.samples, config.sample_length,
-                top_p=config.top_p, temperature=config.temperature,
-                generator=torch.Generator().manual_seed(seed),
-            )
-            inputs = torch.cat([sampled, reread_windows(prompt, config.rereads,
-                                                        config.sample_length, generator)])
+            inputs = shared.distillation_inputs(model, prefix, first_logits, prompt, seed, config)
             data = capture(model, prefix, inputs, log_probs=config.e2e_steps > 0)
             prepared[key] = (inputs, data, time.perf_counter() - mark)
         inputs, data, shared_seconds = prepared[key]
@@ -90,13 +81,7 @@ def run_document(model, title, ids, settings, seed):
         ntk = compress_prefix(model, prefix, inputs, config=config, seed=seed, progress=False,
                               data=data, retrieval=retrieval)
         seconds = time.perf_counter() - mark
-        try:
-            with torch.no_grad():
-                log_probs = torch.log_softmax(ntk(input_ids=continuation).logits.float(), -1)
-            report = ntk.compression
-        finally:
-            ntk.unload()
-        kl = kl_divergence(full, log_probs)[0]
+        report, kl = shared.continuation_kl(ntk, continuation, full)
         row = {"document": title, "setting": text, "r": report.r,
                "memory_fraction": report.memory_fraction, "exact_heads": len(report.exact_heads),
                "kl": kl.mean().item(), "closed": 1 - kl.mean().item() / no_prompt,
