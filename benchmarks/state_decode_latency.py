@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -31,25 +29,8 @@ from ntk_attention.models import smollm2_path
 from ntk_attention.provenance import environment, summary_line
 from ntk_attention.tuner import get_ntk_model
 
-
-def _seconds_per_step(call, steps: int) -> float:
-    times = []
-    for i in range(steps + 2):
-        begin = time.perf_counter()
-        call(i)
-        times.append(time.perf_counter() - begin)
-    return statistics.median(times[2:])
-
-
-def _random_cache(layers: int, kv_heads: int, head_dim: int, length: int, seed: int):
-    from transformers import DynamicCache
-
-    generator = torch.Generator().manual_seed(seed)
-    cache = DynamicCache()
-    for layer in range(layers):
-        keys = torch.randn(1, kv_heads, length, head_dim, generator=generator)
-        cache.update(keys, torch.randn(1, kv_heads, length, head_dim, generator=generator), layer)
-    return cache
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+from compress_prompt import random_cache, seconds_per_step  # noqa: E402  (the same timing as its decode table)
 
 
 def state_config(model, m: int, config: CompressConfig):
@@ -73,10 +54,10 @@ def measure(model, lengths: list[int], memory_bytes: int, steps: int) -> list[di
     token = torch.tensor([[100]])
     rows = []
     for m in lengths:
-        cache = _random_cache(len(layers), geometry.kv_heads, geometry.head_dim, m, seed=m)
+        cache = random_cache(len(layers), geometry.kv_heads, geometry.head_dim, m, seed=m)
         row = {"prompt_tokens": m, "kv_cache_bytes": 4 * 2 * len(layers) * geometry.kv_heads
                * geometry.head_dim * m}
-        row["full_seconds"] = _seconds_per_step(
+        row["full_seconds"] = seconds_per_step(
             lambda i, cache=cache, m=m: model(input_ids=token, past_key_values=cache,
                                               use_cache=True, position_ids=torch.tensor([[m + i]])),
             steps)
@@ -87,7 +68,7 @@ def measure(model, lengths: list[int], memory_bytes: int, steps: int) -> list[di
             ntk = get_ntk_model(model, ntk_config)
             try:
                 empty = DynamicCache()
-                row[f"{name}_seconds"] = _seconds_per_step(
+                row[f"{name}_seconds"] = seconds_per_step(
                     lambda i, ntk=ntk, empty=empty: ntk(input_ids=token, past_key_values=empty,
                                                         use_cache=True), steps)
                 row[f"{name}_bytes"] = 4 * sum(t.numel() for t in ntk.adapter_state_dict().values())

@@ -275,7 +275,7 @@ def run_document(model, title, ids, m, args, log) -> dict:
             "shared_seconds": shared_seconds, "prefill_seconds": prefill_seconds}
 
 
-def _random_cache(layers: int, kv_heads: int, head_dim: int, length: int, seed: int):
+def random_cache(layers: int, kv_heads: int, head_dim: int, length: int, seed: int):
     from transformers import DynamicCache
 
     generator = torch.Generator().manual_seed(seed)
@@ -286,7 +286,7 @@ def _random_cache(layers: int, kv_heads: int, head_dim: int, length: int, seed: 
     return cache
 
 
-def _seconds_per_step(call, steps: int) -> float:
+def seconds_per_step(call, steps: int) -> float:
     """Median time of call(i) for i = 2 .. steps + 1 (two warm-up steps first)."""
     times = []
     for i in range(steps + 2):
@@ -307,8 +307,8 @@ def decode_latency(model, lengths, steps: int = 16) -> list[dict]:
     state_r = int((1 / 8) * 2 * 512 * head_dim / (2 * head_dim + 2))
     out = []
     for m in lengths:
-        cache = _random_cache(layers, kv_heads, head_dim, m, seed=m)
-        full_time = _seconds_per_step(
+        cache = random_cache(layers, kv_heads, head_dim, m, seed=m)
+        full_time = seconds_per_step(
             lambda i, cache=cache, m=m: model(input_ids=token, past_key_values=cache, use_cache=True,
                                               position_ids=torch.tensor([[m + i]])), steps)
         del cache
@@ -326,7 +326,7 @@ def decode_latency(model, lengths, steps: int = 16) -> list[dict]:
             ntk = get_ntk_model(model, config)
             try:
                 empty = DynamicCache()
-                times.append(_seconds_per_step(
+                times.append(seconds_per_step(
                     lambda i, ntk=ntk, empty=empty: ntk(input_ids=token, past_key_values=empty, use_cache=True),
                     steps))
                 numels.append(sum(t.numel() for t in ntk.adapter_state_dict().values()))
