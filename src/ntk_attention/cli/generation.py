@@ -80,7 +80,9 @@ def _is_chat_state(adapter: str) -> bool:
     import json
     from pathlib import Path
 
-    record = Path(adapter) / "compression.json"
+    from ..train.run_folder import RUN_RECORDS
+
+    record = Path(adapter) / RUN_RECORDS["compress-prompt"]
     try:
         return bool(json.loads(record.read_text())["report"].get("chat"))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):

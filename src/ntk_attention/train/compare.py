@@ -178,7 +178,7 @@ def compare(
         **environment(),
         "command": sys.argv,
     })
-    files = {name: output / name for name in ("comparison.md", "comparison.png", "comparison.json")}
+    files = {name: output / name for name in ("comparison.md", "comparison.png", RUN_RECORDS["compare"])}
     return {"rows": rows, "table": table, "runs": runs, "files": files}
 
 
