@@ -41,7 +41,7 @@ def state_config(model, m: int, config: CompressConfig):
     empty = torch.zeros(()).expand(shape)  # sizes only
     prefix = PrefixKV(empty, empty, geometry, position_offset=m)
     heads = len(layers) * geometry.kv_heads
-    count = config.exact_head_count(heads, prefix.kv_cache_numel())
+    count = config.exact_head_count(heads, prefix.kv_cache_numel(), geometry.head_dim)
     exact = tuple((i // geometry.kv_heads, i % geometry.kv_heads) for i in range(count))
     return ntk_config_for(config, prefix, exact_heads=exact), prefix.kv_cache_numel()
 

@@ -120,19 +120,19 @@ def test_the_size_counts_the_kept_tokens_and_fits_the_budget():
 def test_the_default_number_of_exact_heads_is_a_share_of_the_budget():
     heads = 90  # SmolLM2-135M: 30 layers x 3 KV heads
     kv = heads * 512 * 2 * 64  # a 512-token prompt's KV cache
-    assert CompressConfig().exact_head_count(heads, kv) == 4  # 0.4 x 1/8 x 90 = 4.5
-    assert CompressConfig(memory_fraction=1 / 32).exact_head_count(heads, kv) == 1
-    assert CompressConfig(memory_fraction=None).exact_head_count(heads, kv) == 0
-    assert CompressConfig(feature_map="elu").exact_head_count(heads, kv) == 0
-    assert CompressConfig(exact_heads=0).exact_head_count(heads, kv) == 0
-    assert CompressConfig(exact_heads=200).exact_head_count(heads, kv) == 90
+    assert CompressConfig().exact_head_count(heads, kv, 64) == 4  # 0.4 x 1/8 x 90 = 4.5
+    assert CompressConfig(memory_fraction=1 / 32).exact_head_count(heads, kv, 64) == 1
+    assert CompressConfig(memory_fraction=None).exact_head_count(heads, kv, 64) == 0
+    assert CompressConfig(feature_map="elu").exact_head_count(heads, kv, 64) == 0
+    assert CompressConfig(exact_heads=0).exact_head_count(heads, kv, 64) == 0
+    assert CompressConfig(exact_heads=200).exact_head_count(heads, kv, 64) == 90
     # a fixed size in bytes: the same heads for this prompt as the equal fraction, fewer for a
     # prompt 4x as long (each keeps every token), none once one head's share does not fit
     equal = 4 * kv // 8  # bytes of 1/8 of this prompt's cache (float32)
-    assert CompressConfig(memory_bytes=equal).exact_head_count(heads, kv) == 4
-    assert CompressConfig(memory_bytes=equal).exact_head_count(heads, 4 * kv) == 1
-    assert CompressConfig(memory_bytes=equal).exact_head_count(heads, 16 * kv) == 0
-    assert CompressConfig(memory_fraction=1 / 4).exact_head_count(heads, kv) == 9  # 9.0 exactly
+    assert CompressConfig(memory_bytes=equal).exact_head_count(heads, kv, 64) == 4
+    assert CompressConfig(memory_bytes=equal).exact_head_count(heads, 4 * kv, 64) == 1
+    assert CompressConfig(memory_bytes=equal).exact_head_count(heads, 16 * kv, 64) == 0
+    assert CompressConfig(memory_fraction=1 / 4).exact_head_count(heads, kv, 64) == 9  # 9.0 exactly
 
 
 @pytest.mark.parametrize(

@@ -238,4 +238,4 @@ def test_compress_config_asks_the_class():
                 CompressConfig(feature_map=name, init="select", sink=0)
             with pytest.raises(CompressError, match="exact_heads keep prompt tokens"):
                 CompressConfig(feature_map=name, exact_heads=1, sink=0)
-            assert CompressConfig(feature_map=name, sink=0).exact_head_count(8, 8 * 1024) == 0
+            assert CompressConfig(feature_map=name, sink=0).exact_head_count(8, 8 * 1024, 64) == 0

@@ -6,7 +6,9 @@ Size is counted in stored numbers, every tensor the adapter adds (parameters and
 layers), against the prefix's KV cache: 2 x layers x KV heads x head dim x m numbers.
 
     exp       r virtual tokens: W [r, D], b [r], Z [r, D], kappa [r] per KV head -> r (2D + 2),
-              plus m x 2D for every exact (retrieval) head, which keeps the whole prompt
+              plus m x 2D for every exact (retrieval) head, which keeps the whole prompt (with
+              ``exact_bits`` b: its codes count b / 16 of a number each, plus a range per
+              group of 32; tuner.quantized_tokens.token_numbers)
     elu       the paper's map (r = D); with ``sink`` > 0 the adapter's map is "elu+exp":
               D ELU features plus ``sink`` exact tokens, Z low-rank when dense does not fit
     favor     r random features (the projection [r, D] is a buffer and counts)
@@ -21,6 +23,7 @@ from typing import Any
 
 from ..ops import FEATURE_MAPS as MAP_CLASSES
 from ..ops import FeatureMap
+from ..tuner.quantized_tokens import BITS, token_numbers
 
 __all__ = ["EXACT_HEADS_SHARE", "FEATURE_MAPS", "INITS", "CompressConfig", "CompressError"]
 
@@ -79,6 +82,9 @@ class CompressConfig:
                        acronym of the prompt when the text repeats it. None = as many as fit
                        in EXACT_HEADS_SHARE of the budget (0 without a budget or for a PEFT
                        prefix, which has no tokens to re-read); 0 = none.
+      exact_bits       the exact heads' tokens kept in this many bits (2, 4, 8; keys per
+                       channel, values per token over groups of 32, as KIVI quantises a KV
+                       cache) or None = float; 4 keeps a head for 0.31 of its float cost.
     Distillation inputs (never the evaluation text):
       samples, sample_length, top_p, temperature
                        continuations the model samples after the prompt.
@@ -97,6 +103,7 @@ class CompressConfig:
     sink: int | None = None
     init: str = "auto"
     exact_heads: int | None = None
+    exact_bits: int | None = None
     samples: int = 8
     sample_length: int = 64
     top_p: float = 0.95
@@ -154,6 +161,10 @@ class CompressConfig:
                 )
             if self.exact_heads and self.rank is not None:
                 raise CompressError("exact_heads need a dense Z: use rank=None with exact_heads")
+        if self.exact_bits is not None and (
+            isinstance(self.exact_bits, bool) or self.exact_bits not in BITS
+        ):
+            raise CompressError(f"exact_bits must be one of {BITS} or None, got {self.exact_bits!r}")
         if self.resolved_sink and not _keeps_exact_tokens(self.feature_map):
             raise CompressError(
                 f"an exact sink needs exponential features: use sink=0 with feature_map "
@@ -206,10 +217,15 @@ class CompressConfig:
             return f"memory_bytes={self.memory_bytes:,}"
         return f"memory_fraction={self.memory_fraction}"
 
-    def exact_head_count(self, heads: int, kv_cache_numel: int) -> int:
+    def exact_head_numel(self, tokens: int, head_dim: int) -> int:
+        """Numbers one exact head stores to keep ``tokens`` tokens (at ``exact_bits``)."""
+        return token_numbers(tokens, head_dim, self.exact_bits)
+
+    def exact_head_count(self, heads: int, kv_cache_numel: int, head_dim: int) -> int:
         """How many of ``heads`` KV heads (layers x Hkv) keep the whole prefix exactly: as
         given, or (auto) as many as fit in EXACT_HEADS_SHARE of the budget, one head costing
-        1 / heads of the prefix's KV cache (``kv_cache_numel`` numbers)."""
+        ``exact_head_numel`` (1 / heads of the prefix's KV cache of ``kv_cache_numel``
+        numbers when kept in float)."""
         if not _map_class(self.feature_map).only_virtual_tokens():
             return 0
         if self.exact_heads is not None:
@@ -217,8 +233,10 @@ class CompressConfig:
         budget = self.budget(kv_cache_numel)
         if budget is None or self.rank is not None:
             return 0
+        tokens = kv_cache_numel // (heads * 2 * head_dim)
+        head = self.exact_head_numel(tokens, head_dim)
         # (+1e-9: a share that is a whole number of heads in exact arithmetic stays one)
-        return min(heads, math.floor(EXACT_HEADS_SHARE * budget * heads / kv_cache_numel + 1e-9))
+        return min(heads, math.floor(EXACT_HEADS_SHARE * budget / head + 1e-9))
 
     def replace(self, **changes: Any) -> CompressConfig:
         return dataclasses.replace(self, **changes)

@@ -32,6 +32,7 @@ from ..ops import FEATURE_MAPS as MAP_CLASSES
 from ..ops import prefix_to_state
 from ..tuner import NTKConfig, NTKModel, NTKState, adapter_feature_map, read_state, write_state
 from ..tuner.layer import Geometry
+from ..tuner.quantized_tokens import stored_numbers
 from .config import CompressConfig, CompressError
 from .teacher import PrefixKV, attention_layers
 from .token_selection import by_mass
@@ -41,14 +42,15 @@ __all__ = ["adapter_numel", "initialise", "ntk_config_for"]
 
 def adapter_numel(config: NTKConfig, geometry: Geometry, layers: int) -> int:
     """Numbers the adapter stores for ``layers`` layers of this geometry (parameters + buffers),
-    the exact heads' kept tokens (in the layers that have them) included."""
+    the exact heads' kept tokens (in the layers that have them) included; a byte of quantised
+    codes counts half a number (tuner.quantized_tokens.stored_numbers)."""
 
     def stored(layer_config: NTKConfig, layer_index: int) -> int:
         state = NTKState(dataclasses.replace(geometry, layer_index=layer_index))
         state.add_adapter("size", layer_config, torch.device("cpu"))
-        return sum(t.numel() for t in state.adapter_tensors("size").values())
+        return math.ceil(sum(stored_numbers(t) for t in state.adapter_tensors("size").values()))
 
-    plain = config.replace(exact_heads=None, exact_tokens=None)
+    plain = config.replace(exact_heads=None, exact_tokens=None, exact_bits=None)
     total = layers * stored(plain, 0)
     for layer in sorted({layer for layer, _ in config.exact_heads or ()}):
         total += stored(config, layer) - stored(plain, layer)
@@ -70,7 +72,7 @@ def ntk_config_for(
     # (kept exactly), so every query must read it, the first one included.
     base = {"position_offset": prefix.position_offset, "seed": seed, "sink_tokens": 0}
     if exact_heads:  # NTKConfig checks they fit the feature map
-        base.update(exact_heads=tuple(exact_heads), exact_tokens=m)
+        base.update(exact_heads=tuple(exact_heads), exact_tokens=m, exact_bits=config.exact_bits)
     name, r = config.feature_map, config.r
     cls = MAP_CLASSES[name]
     if sink and not cls.has_virtual_tokens and cls.virtual_token_variant is not None:
@@ -85,7 +87,7 @@ def ntk_config_for(
         return adapter_numel(NTKConfig(feature_map=name, **{**base, "r": r, "rank": config.rank, **changes}), g, layers)
 
     if budget is not None and exact_heads and r is None:  # r is sized from what they leave
-        kept = len(exact_heads) * m * 2 * g.head_dim
+        kept = len(exact_heads) * config.exact_head_numel(m, g.head_dim)
         if kept >= budget:
             raise CompressError(
                 f"{len(exact_heads)} exact heads keep {kept:,} numbers, the whole memory budget "

@@ -182,7 +182,8 @@ def compress_prompt(
     inputs = torch.cat([sampled.cpu(), rereads])
     timings["sample"] = time.perf_counter() - started
     retrieval = None
-    if config.exact_head_count(prefix.layers * prefix.geometry.kv_heads, prefix.kv_cache_numel()):
+    if config.exact_head_count(prefix.layers * prefix.geometry.kv_heads, prefix.kv_cache_numel(),
+                               prefix.geometry.head_dim):
         mark = time.perf_counter()
         try:
             retrieval = retrieval_scores(model, prefix, ids, length=config.sample_length,
@@ -229,7 +230,8 @@ def choose_exact_heads(
 ) -> tuple[tuple[int, int], ...]:
     """The (layer, KV head) pairs that keep the whole prefix: the ``config.exact_head_count``
     heads with the highest retrieval scores [layers, Hkv] (in layer, head order)."""
-    count = config.exact_head_count(prefix.layers * prefix.geometry.kv_heads, prefix.kv_cache_numel())
+    count = config.exact_head_count(prefix.layers * prefix.geometry.kv_heads,
+                                    prefix.kv_cache_numel(), prefix.geometry.head_dim)
     if not count:
         return ()
     if retrieval is None:

@@ -57,6 +57,9 @@ class NTKConfig:
                        [n, exact_tokens, D] in the layers that have such heads), e.g. the
                        retrieval heads of a compressed prompt. "exp" features only.
       exact_tokens     how many tokens each exact head keeps (required with ``exact_heads``).
+      exact_bits       None (float) or 2, 4, 8: keep those tokens quantised to that many bits
+                       (keys per channel, values per token, KIVI's layout;
+                       ``tuner.quantized_tokens``), a fraction of the memory. Not trained.
       sink_tokens      "auto" or an int >= 0: queries at the first that many positions of the
                        sequence (the first real tokens, whatever the padding; a decoding step
                        or a later prefill chunk exempts nothing) read only the real keys and
@@ -88,6 +91,7 @@ class NTKConfig:
     implementation: str = "auto"
     exact_heads: tuple[tuple[int, int], ...] | None = None
     exact_tokens: int | None = None
+    exact_bits: int | None = None
     sink_tokens: int | str = "auto"
     gated: bool = False
 
@@ -166,9 +170,17 @@ class NTKConfig:
         return self.sink_tokens
 
     def _validate_exact_heads(self) -> None:
+        from .quantized_tokens import BITS
+
+        if self.exact_bits is not None and (
+            isinstance(self.exact_bits, bool) or self.exact_bits not in BITS
+        ):
+            raise ValueError(f"exact_bits must be one of {BITS} or None, got {self.exact_bits!r}")
         if self.exact_heads is None:
             if self.exact_tokens is not None:
                 raise ValueError("exact_tokens is set but exact_heads is None: give both or neither")
+            if self.exact_bits is not None:
+                raise ValueError("exact_bits is set but exact_heads is None: it quantises their tokens")
             return
         heads = self.exact_heads
         if (

@@ -11,6 +11,8 @@
       ntk_exact_keys, ntk_exact_values  [n, T, D]  tokens the config's ``exact_heads`` of this
                                     layer keep exactly ("exp" maps; joined to the virtual
                                     tokens of those heads when the state is read)
+      ntk_exact_quantized           instead of those two with ``exact_bits``: the same tokens
+                                    in a few bits (a QuantizedTokens module of buffers)
       ntk_feature_map               the feature map phi (a module: "favor" keeps its random
                                     projection as a buffer, "exp" has trainable parameters)
 
@@ -31,6 +33,7 @@ from torch import nn
 from ..ops import ExpFeatureView, FeatureMap, get_feature_map, nonnegative
 from ..ops.state import state_matrix
 from .config import NTKConfig
+from .quantized_tokens import QuantizedTokens
 from .routing import BASE_ADAPTER, current_adapter_names, expand_rows
 
 __all__ = ["Geometry", "ModulesToSaveWrapper", "NTKState", "OpState", "RowGroup"]
@@ -87,6 +90,7 @@ class NTKState(nn.Module):
         for kind in PARAMETER_KINDS:
             setattr(self, kind, nn.ParameterDict())
         self.ntk_feature_map = nn.ModuleDict()
+        self.ntk_exact_quantized = nn.ModuleDict()
         self.configs: dict[str, NTKConfig] = {}
         self.exact_heads: dict[str, torch.Tensor] = {}  # adapter -> KV head indices [n]
         self.active_adapter: str | None = None
@@ -138,8 +142,11 @@ class NTKState(nn.Module):
                     f"{g.kv_heads} KV heads"
                 )
             shape = (len(exact), config.exact_tokens, g.head_dim)
-            self.ntk_exact_keys[name] = nn.Parameter(zeros(*shape))
-            self.ntk_exact_values[name] = nn.Parameter(zeros(*shape))
+            if config.exact_bits is None:
+                self.ntk_exact_keys[name] = nn.Parameter(zeros(*shape))
+                self.ntk_exact_values[name] = nn.Parameter(zeros(*shape))
+            else:
+                self.ntk_exact_quantized[name] = QuantizedTokens(*shape, config.exact_bits, device)
             self.exact_heads[name] = torch.tensor(exact, dtype=torch.long, device=device)
         self.configs[name] = config
 
@@ -147,8 +154,9 @@ class NTKState(nn.Module):
         for kind in PARAMETER_KINDS:
             if name in getattr(self, kind):
                 del getattr(self, kind)[name]
-        if name in self.ntk_feature_map:
-            del self.ntk_feature_map[name]
+        for table in (self.ntk_feature_map, self.ntk_exact_quantized):
+            if name in table:
+                del table[name]
         self.configs.pop(name, None)
         self.exact_heads.pop(name, None)
         if self.active_adapter == name:
@@ -167,10 +175,22 @@ class NTKState(nn.Module):
         out: dict[str, torch.Tensor] = {
             kind: getattr(self, kind)[name] for kind in PARAMETER_KINDS if name in getattr(self, kind)
         }
-        if name in self.ntk_feature_map:
-            for key, tensor in self.ntk_feature_map[name].state_dict().items():
-                out[f"ntk_feature_map.{key}"] = tensor
+        for table in ("ntk_feature_map", "ntk_exact_quantized"):
+            if name in getattr(self, table):
+                for key, tensor in getattr(self, table)[name].state_dict().items():
+                    out[f"{table}.{key}"] = tensor
         return out
+
+    def exact_tokens(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values [n, T, D] adapter ``name``'s exact heads keep in this layer
+        (dequantised when stored in a few bits)."""
+        quantized = self._modules["ntk_exact_quantized"]._modules.get(name)
+        if quantized is not None:
+            return quantized.keys(), quantized.values()
+        return (
+            self._modules["ntk_exact_keys"]._parameters[name],
+            self._modules["ntk_exact_values"]._parameters[name],
+        )
 
     def op_state(self, name: str) -> OpState:
         """Adapter ``name``'s state as the op takes it. Runs per layer and call (per token when
@@ -213,8 +233,7 @@ class NTKState(nn.Module):
         """The state with the exact heads' kept tokens joined as T more virtual tokens per KV
         head: key W = k, bias 0, Z = v, kappa = 1 in the exact heads; bias -inf (phi = 0) and
         kappa = 0 in the others, so they see nothing of them."""
-        keys = self._modules["ntk_exact_keys"]._parameters[name]  # [n, T, D]
-        values = self._modules["ntk_exact_values"]._parameters[name]
+        keys, values = self.exact_tokens(name)  # [n, T, D]
         heads = self.exact_heads[name]
         if heads.device != keys.device:  # the model was moved after the adapter was added
             heads = self.exact_heads[name] = heads.to(keys.device)

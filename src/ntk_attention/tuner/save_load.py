@@ -171,6 +171,8 @@ def read_adapter_tensors(
             "files come from different saves"
         )
     for key, tensor in tensors.items():
+        if tensor.dtype == torch.uint8 and ".ntk_exact_quantized." in f".{key}":
+            continue  # the codes of quantised kept tokens (tuner.quantized_tokens)
         if not tensor.is_floating_point():
             raise AdapterLoadError(f"{path}: tensor {key!r} has dtype {tensor.dtype}, expected float")
         if not torch.isfinite(tensor).all():
@@ -197,6 +199,11 @@ def check_tensors(
             raise AdapterLoadError(
                 f"{path}: tensor {key!r} has shape {tuple(tensors[key].shape)}, the model "
                 f"expects {tuple(target.shape)}"
+            )
+        if tensors[key].is_floating_point() != target.is_floating_point():
+            raise AdapterLoadError(
+                f"{path}: tensor {key!r} has dtype {tensors[key].dtype}, the model expects "
+                f"{target.dtype}"
             )
 
 

@@ -9,6 +9,8 @@ A layer's state of one adapter is a set of named tensors (*fields*):
                                     >= 0 written here is kappa itself
     log_scale         [Hkv]         with ``learn_log_scale``
     exact_keys, exact_values  [n, T, D]  the tokens the config's ``exact_heads`` of this layer keep
+                                    (with ``exact_bits``: read dequantised, quantised when
+                                    written)
     virtual_keys      [Hkv, n, D]   the feature map's virtual tokens (``exp`` / ``elu+exp``):
     virtual_bias      [Hkv, n]      keys W and biases b of exp(s x.W_i + b_i)
     feature_map.<key>               any other tensor of the feature map, under its own
@@ -73,6 +75,9 @@ def _fields(layer: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
         table = getattr(state, kind)
         if adapter_name in table:
             out[kind.removeprefix("ntk_")] = table[adapter_name]
+    quantized = state.ntk_exact_quantized[adapter_name] if adapter_name in state.ntk_exact_quantized else None
+    if quantized is not None:  # dequantised views: write_state quantises what it is given
+        out["exact_keys"], out["exact_values"] = quantized.keys(), quantized.values()
     feature_map = state.ntk_feature_map[adapter_name]
     virtual = feature_map.virtual_token_tensors() or ()
     for key, tensor in feature_map.state_dict(keep_vars=True).items():
@@ -118,8 +123,12 @@ def write_state(
                 f"state field {key!r} of adapter {adapter_name!r} is "
                 f"{tuple(targets[key].shape)}, got {tuple(value.shape)}"
             )
+    quantized = layer_state(layer).ntk_exact_quantized
     for key, value in given.items():
-        targets[key].copy_(value.to(targets[key]))
+        if adapter_name in quantized and key in ("exact_keys", "exact_values"):
+            quantized[adapter_name].set(**{key.removeprefix("exact_"): value})
+        else:
+            targets[key].copy_(value.to(targets[key]))
 
 
 def kappa_parameters(module: nn.Module) -> list[nn.Parameter]:
