@@ -43,7 +43,6 @@ from ntk_attention.compress import (
     turns_after_system_ids,
 )
 from ntk_attention.compress.distill import kl_divergence
-from ntk_attention.compress.prompt import choose_exact_heads
 from ntk_attention.compress.teacher import prompt_prefix, retrieval_scores
 from ntk_attention.compress.token_selection import sink_and_recent, snapkv
 from ntk_attention.provenance import environment, summary_line
@@ -68,9 +67,8 @@ def no_prompt(model, m):
 
 
 @contextlib.contextmanager
-def compressed(model, tokenizer, system, fraction, seed, exact_heads=None):
-    ntk = compress_prompt(model, tokenizer, system, chat=True, seed=seed, progress=False,
-                          config=CompressConfig(memory_fraction=fraction, exact_heads=exact_heads))
+def compressed(model, tokenizer, system, config, seed):
+    ntk = compress_prompt(model, tokenizer, system, chat=True, seed=seed, progress=False, config=config)
     try:
         yield ntk
     finally:
@@ -109,7 +107,7 @@ def evaluate(method_model, prefix_ids, questions, tokenizer, full_replies, full_
     return rows
 
 
-def run_prompt(model, tokenizer, spec, budgets, seed, log, exact_heads=None):
+def run_prompt(model, tokenizer, spec, budgets, seed, log, changes):
     system = spec["system"]
     questions = spec["questions"]
     system_ids = system_prompt_ids(tokenizer, system)
@@ -135,20 +133,17 @@ def run_prompt(model, tokenizer, spec, budgets, seed, log, exact_heads=None):
     for name in budgets:
         fraction = BUDGETS[name]
         tokens = max(1, int(fraction * m))
-        heads = layers * kv_heads
-        exact = choose_exact_heads(CompressConfig(memory_fraction=fraction, exact_heads=exact_heads),
-                                   prefix, retrieval)
-        rest = (heads * tokens - len(exact) * m) // (heads - len(exact))
+        config = CompressConfig(memory_fraction=fraction, **changes)
+        exact, rest, duo_fraction = shared.retrieval_and_recent(config, prefix, retrieval)
         methods += [
-            (f"state {name}", lambda f=fraction: compressed(model, tokenizer, system, f, seed,
-                                                            exact_heads), None),
+            (f"state {name}", lambda c=config: compressed(model, tokenizer, system, c, seed), None),
             (f"sink+recent {name}", lambda t=tokens: shared.eviction_state(
                 model, prefix, sink_and_recent(m, t, layers, kv_heads, sink=4)), tokens / m),
             (f"snapkv {name}", lambda t=tokens: shared.eviction_state(model, prefix, snapkv(window_mass, t)),
              tokens / m),
-            (f"retrieval+recent {name}", lambda r=rest, e=exact: shared.eviction_state(
-                model, prefix, sink_and_recent(m, r, layers, kv_heads, sink=4), exact_heads=e),
-             ((heads - len(exact)) * rest + len(exact) * m) / (heads * m)),
+            (f"retrieval+recent {name}", lambda r=rest, e=exact, c=config: shared.eviction_state(
+                model, prefix, sink_and_recent(m, r, layers, kv_heads, sink=4), exact_heads=e,
+                exact_bits=c.exact_bits), duo_fraction),
         ]
     methods.append(("no prompt", lambda: no_prompt(model, m), 0.0))
     for method, make, fraction in methods:
@@ -198,7 +193,8 @@ def markdown(document) -> str:
                          for p in document["prompts"]) + "; "
              "greedy replies of 32 tokens. facts = replies holding the answer; of full = the "
              "full-prompt model's correct answers the method also gets; KL / top-1 teacher-forced "
-             "on the full-prompt model's replies.", "",
+             "on the full-prompt model's replies."
+             + (f" Recipe changed: {document['config_changes']}." if document["config_changes"] else ""), "",
              "| method | memory / system turn's KV cache | facts | of full | KL | top-1 |",
              "|---|---|---|---|---|---|"]
     for row in document["summary"]:
@@ -217,17 +213,25 @@ def main() -> None:
     parser.add_argument("--exact-heads", type=int,
                         help="retrieval heads of the state and of retrieval+recent (default: the "
                         "recipe's count for the budget)")
+    parser.add_argument("--exact-bits", choices=["float", "2", "4", "8"],
+                        help="bits of the retrieval heads' kept tokens, of the state and of "
+                        "retrieval+recent (default: the recipe's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", required=True)
     args = parser.parse_args()
+    changes = {}
+    if args.exact_heads is not None:
+        changes["exact_heads"] = args.exact_heads
+    if args.exact_bits is not None:
+        changes["exact_bits"] = None if args.exact_bits == "float" else int(args.exact_bits)
     torch.set_num_threads(args.threads)
     model, tokenizer = shared.load_model()
     specs = [spec for spec in json.loads(DATA.read_text()) if spec["split"] == args.split]
     prompts = [run_prompt(model, tokenizer, spec, args.budgets, args.seed,
-                          lambda line: print(line, flush=True), args.exact_heads) for spec in specs]
+                          lambda line: print(line, flush=True), changes) for spec in specs]
     document = {"environment": environment(), "split": args.split,
-                "exact_heads": args.exact_heads, "prompts": prompts,
+                "config_changes": changes, "prompts": prompts,
                 "summary": summary(prompts)}
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -122,10 +122,12 @@ def evaluate(ntk, continuation, full, eval_data) -> dict[str, float]:
 
 
 @contextmanager
-def eviction_state(model, prefix: PrefixKV, selection: torch.Tensor, exact_heads=()):
+def eviction_state(model, prefix: PrefixKV, selection: torch.Tensor, exact_heads=(), exact_bits=None):
     """KV-cache eviction as a model: the selected prompt tokens kept exactly (an exp state
-    holding them); ``exact_heads`` keep every token instead. Unloaded on exit."""
-    exact = dict(exact_heads=exact_heads, exact_tokens=prefix.length) if exact_heads else {}
+    holding them); ``exact_heads`` keep every token instead (at ``exact_bits``). Unloaded on
+    exit."""
+    exact = dict(exact_heads=exact_heads, exact_tokens=prefix.length,
+                 exact_bits=exact_bits) if exact_heads else {}
     # sink_tokens=0: the kept tokens are real prompt tokens, the sink among them, so every query
     # reads them (the decoder default, 1, would hide them from the continuation's first token)
     config = NTKConfig(feature_map="exp", r=selection.shape[-1], position_offset=prefix.length,
@@ -138,10 +140,24 @@ def eviction_state(model, prefix: PrefixKV, selection: torch.Tensor, exact_heads
         ntk.unload()
 
 
-def token_state(model, prefix: PrefixKV, selection: torch.Tensor, eval_args, exact_heads=()) -> dict:
+def token_state(model, prefix: PrefixKV, selection: torch.Tensor, eval_args, exact_heads=(),
+                exact_bits=None) -> dict:
     """The evaluation of :func:`eviction_state`."""
-    with eviction_state(model, prefix, selection, exact_heads) as ntk:
+    with eviction_state(model, prefix, selection, exact_heads, exact_bits) as ntk:
         return evaluate(ntk, *eval_args)
+
+
+def retrieval_and_recent(config: CompressConfig, prefix: PrefixKV, retrieval: torch.Tensor):
+    """The DuoAttention-style baseline of ``config``'s memory: (exact heads, recent tokens per
+    other head, memory fraction). The heads the trained state keeps exact, kept as it keeps
+    them (``config.exact_bits``), and every other head the sink and the most recent tokens in
+    what is left."""
+    m, head_dim = prefix.length, prefix.geometry.head_dim
+    heads = prefix.layers * prefix.geometry.kv_heads
+    exact = choose_exact_heads(config, prefix, retrieval)
+    kept = len(exact) * config.exact_head_numel(m, head_dim) / (2 * head_dim)  # in tokens' worth
+    rest = int((heads * max(1, int(config.memory_fraction * m)) - kept) // (heads - len(exact)))
+    return exact, rest, ((heads - len(exact)) * rest + kept) / (heads * m)
 
 
 @torch.no_grad()
@@ -225,12 +241,12 @@ def run_document(model, title, ids, m, args, log) -> dict:
             token_state(model, prefix, sink_and_recent(m, tokens, layers, kv_heads, sink=4), eval_args))
         add("snapkv", name, tokens / m,
             token_state(model, prefix, snapkv(window_mass, tokens), eval_args))
-        heads = layers * kv_heads
-        exact = choose_exact_heads(CompressConfig(memory_fraction=fraction), prefix, retrieval)
-        rest = (heads * tokens - len(exact) * m) // (heads - len(exact))
-        add("retrieval+recent", name, ((heads - len(exact)) * rest + len(exact) * m) / (heads * m),
+        duo = CompressConfig(memory_fraction=fraction)
+        exact, rest, duo_fraction = retrieval_and_recent(duo, prefix, retrieval)
+        add("retrieval+recent", name, duo_fraction,
             token_state(model, prefix, sink_and_recent(m, rest, layers, kv_heads, sink=4), eval_args,
-                        exact_heads=exact), exact_heads=[list(p) for p in exact])
+                        exact_heads=exact, exact_bits=duo.exact_bits),
+            exact_heads=[list(p) for p in exact])
         methods = {
             "favor (closed)": CompressConfig(feature_map="favor", memory_fraction=fraction, steps=0),
             "exp (init)": CompressConfig(memory_fraction=fraction, steps=0),

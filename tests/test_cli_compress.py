@@ -12,6 +12,7 @@ from peft import PrefixTuningConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from ntk_attention.cli import EXIT_BAD_INPUT, main
+from ntk_attention.compress import CompressConfig
 from ntk_attention.tuner import NTKModel
 
 from support.testing_models import ARCHITECTURES, char_tokenizer
@@ -60,12 +61,14 @@ def test_compress_prompt_writes_an_adapter_that_loads_and_generates(model_dir, t
     assert main([*again, "--overwrite"]) == 0
 
 
-def test_compress_prompt_with_exact_heads_writes_them(model_dir, tmp_path):
+@pytest.mark.parametrize("bits", [None, "float", "4"])
+def test_compress_prompt_with_exact_heads_writes_them(model_dir, tmp_path, bits):
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("The quick brown fox jumps over the lazy dog. " * 3)
     out = tmp_path / "state"
+    extra = [] if bits is None else ["--exact-bits", bits]
     code = main(["compress-prompt", "--model", str(model_dir), "--prompt-file", str(prompt),
-                 "--output", str(out), "--r", "4", "--exact-heads", "2", *FAST])
+                 "--output", str(out), "--r", "4", "--exact-heads", "2", *extra, *FAST])
     assert code == 0
     record = json.loads((out / "compression.json").read_text())
     assert len(record["report"]["exact_heads"]) == 2
@@ -73,6 +76,8 @@ def test_compress_prompt_with_exact_heads_writes_them(model_dir, tmp_path):
     config = ntk.peft_config["default"]
     assert [list(pair) for pair in config.exact_heads] == record["report"]["exact_heads"]
     assert config.exact_tokens == 135
+    expected = CompressConfig().exact_bits if bits is None else (None if bits == "float" else 4)
+    assert config.exact_bits == record["report"]["config"]["exact_bits"] == expected
 
 
 def test_convert_prefix_writes_an_adapter_that_loads(model_dir, tmp_path, capsys):

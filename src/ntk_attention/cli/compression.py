@@ -78,6 +78,10 @@ def add_compress_prompt(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--exact-heads", type=int, metavar="N",
                         help="exp: KV heads that keep every prompt token, the ones that copy "
                         "most from it (default: as many as fit in 40%% of the budget; 0 = none)")
+    parser.add_argument("--exact-bits", choices=["float", "2", "4", "8"],
+                        help="bits those heads keep each prompt token's key and value in "
+                        "(quantised as KIVI does a KV cache; default: the recipe's, "
+                        "CompressConfig.exact_bits)")
 
 
 def add_convert_prefix(parser: argparse.ArgumentParser) -> None:
@@ -110,6 +114,8 @@ def _config(args: argparse.Namespace):
         changes["steps"] = args.steps
     if getattr(args, "exact_heads", None) is not None:  # compress-prompt only
         changes["exact_heads"] = args.exact_heads
+    if getattr(args, "exact_bits", None) is not None:
+        changes["exact_bits"] = None if args.exact_bits == "float" else int(args.exact_bits)
     return CompressConfig(**changes)
 
 
