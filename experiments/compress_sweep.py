@@ -42,7 +42,7 @@ _INPUT_FIELDS = ("samples", "sample_length", "top_p", "temperature", "rereads")
 
 
 def parse_setting(text: str) -> tuple[str, dict]:
-    """"1/32:steps=600,samples=16" -> ("1/32", {"steps": 600, "samples": 16})."""
+    """"1/32:steps=600,samples=16" -> ("1/32", {"steps": 600, "samples": 16}); "None" is None."""
     budget, _, fields = text.partition(":")
     if budget not in shared.FRACTIONS:
         raise SystemExit(f"setting {text!r}: budget must be one of {sorted(shared.FRACTIONS)}")
@@ -51,6 +51,9 @@ def parse_setting(text: str) -> tuple[str, dict]:
         key, _, value = item.partition("=")
         if key not in CompressConfig.__dataclass_fields__:
             raise SystemExit(f"setting {text!r}: {key!r} is not a CompressConfig field")
+        if value == "None":
+            changes[key] = None
+            continue
         try:
             changes[key] = int(value)
         except ValueError:

@@ -9,6 +9,8 @@ import itertools
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from ntk_attention import NTKConfig, NTKModel, get_ntk_model
 from ntk_attention.compress import CompressConfig, CompressError, compress_prompt
@@ -23,6 +25,7 @@ from ntk_attention.tuner.quantized_tokens import (
     stored_numbers,
     token_numbers,
 )
+from ntk_attention.tuner.save_load import AdapterLoadError
 
 from support.testing import assert_close
 from support.testing_models import ARCHITECTURES
@@ -169,3 +172,17 @@ def test_compression_counts_quantised_heads_in_its_budget():
     assert_close(kept.double(), _twin(prefix.values[layer, head], 4, 1), rtol=0, atol=1e-5)
     float_size = adapter_numel(ntk.peft_config["default"].replace(exact_bits=None), prefix.geometry, 2)
     assert report.state_numel < float_size
+
+
+def test_a_saved_file_with_float_codes_is_refused(tmp_path):
+    ntk = _adapter(4)
+    ntk.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(str(path))
+    key = next(k for k in tensors if k.endswith("key_codes"))
+    tensors[key] = tensors[key].float()
+    save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(AdapterLoadError, match=r"key_codes' has dtype torch.float32, the model expects torch.uint8"):
+        NTKModel.from_pretrained(LLAMA.build().double(), tmp_path)
