@@ -59,7 +59,7 @@ def test_every_head_exact_equals_the_full_prompt_model(arch):
     prompt, cont = _prompt(), _continuation()
     with torch.no_grad():
         full = model(input_ids=torch.cat([prompt.expand(2, -1), cont], 1)).logits[:, PROMPT_LEN:]
-    config = CompressConfig(r=1, exact_heads=4, memory_fraction=None, **SMALL)
+    config = CompressConfig(r=1, exact_heads=4, exact_bits=None, memory_fraction=None, **SMALL)
     ntk = compress_prompt(model, None, prompt, config=config, steps=0, progress=False)
     assert sorted(map(tuple, ntk.compression.exact_heads)) == [(0, 0), (0, 1), (1, 0), (1, 1)]
     with torch.no_grad():
@@ -92,7 +92,8 @@ def test_one_exact_head_is_exact_and_the_others_see_none_of_its_tokens():
 def test_distillation_keeps_the_exact_tokens_and_lowers_its_loss():
     model = LLAMA.build()
     prompt = _prompt()
-    config = CompressConfig(exact_heads=1, memory_fraction=0.5, lr=1e-2, batch_size=None, **SMALL)
+    config = CompressConfig(exact_heads=1, exact_bits=None, memory_fraction=0.5, lr=1e-2,
+                            batch_size=None, **SMALL)
     ntk = compress_prompt(model, None, prompt, config=config, steps=30, progress=False)
     (layer, head), = ntk.compression.exact_heads
     prefix, _, _ = prompt_prefix(ntk.unload(), prompt)  # the teacher's own keys and values
@@ -108,7 +109,7 @@ def test_distillation_keeps_the_exact_tokens_and_lowers_its_loss():
 def test_the_size_counts_the_kept_tokens_and_fits_the_budget():
     model = LLAMA.build()
     prompt = _prompt(length=80)
-    config = CompressConfig(exact_heads=1, memory_fraction=0.5, **SMALL)
+    config = CompressConfig(exact_heads=1, exact_bits=None, memory_fraction=0.5, **SMALL)
     ntk = compress_prompt(model, None, prompt, config=config, steps=0, progress=False)
     stored = sum(t.numel() for t in ntk.adapter_state_dict().values())
     kv_cache = 2 * 2 * 2 * 8 * prompt.numel()  # K and V, 2 layers, 2 KV heads, head dim 8
@@ -120,8 +121,13 @@ def test_the_size_counts_the_kept_tokens_and_fits_the_budget():
 def test_the_default_number_of_exact_heads_is_a_share_of_the_budget():
     heads = 90  # SmolLM2-135M: 30 layers x 3 KV heads
     kv = heads * 512 * 2 * 64  # a 512-token prompt's KV cache
-    assert CompressConfig().exact_head_count(heads, kv, 64) == 4  # 0.4 x 1/8 x 90 = 4.5
-    assert CompressConfig(memory_fraction=1 / 32).exact_head_count(heads, kv, 64) == 1
+    # 4-bit heads (the default) cost 0.3125 of a float head: 36 fit in 1/8 of the cache
+    assert CompressConfig().exact_head_count(heads, kv, 64) == 14  # 0.4 x 36 = 14.4
+    # 1/32: 0.4 x 9 = 3.6, but at least 6 while they take <= 0.7 of the budget (6.3 heads)
+    assert CompressConfig(memory_fraction=1 / 32).exact_head_count(heads, kv, 64) == 6
+    float_heads = CompressConfig(exact_bits=None)
+    assert float_heads.exact_head_count(heads, kv, 64) == 6  # 0.4 x 11.25 = 4.5; 0.7: 7.9
+    assert float_heads.replace(memory_fraction=1 / 32).exact_head_count(heads, kv, 64) == 1
     assert CompressConfig(memory_fraction=None).exact_head_count(heads, kv, 64) == 0
     assert CompressConfig(feature_map="elu").exact_head_count(heads, kv, 64) == 0
     assert CompressConfig(exact_heads=0).exact_head_count(heads, kv, 64) == 0
@@ -129,10 +135,11 @@ def test_the_default_number_of_exact_heads_is_a_share_of_the_budget():
     # a fixed size in bytes: the same heads for this prompt as the equal fraction, fewer for a
     # prompt 4x as long (each keeps every token), none once one head's share does not fit
     equal = 4 * kv // 8  # bytes of 1/8 of this prompt's cache (float32)
-    assert CompressConfig(memory_bytes=equal).exact_head_count(heads, kv, 64) == 4
-    assert CompressConfig(memory_bytes=equal).exact_head_count(heads, 4 * kv, 64) == 1
-    assert CompressConfig(memory_bytes=equal).exact_head_count(heads, 16 * kv, 64) == 0
-    assert CompressConfig(memory_fraction=1 / 4).exact_head_count(heads, kv, 64) == 9  # 9.0 exactly
+    fixed = float_heads.replace(memory_bytes=equal)
+    assert fixed.exact_head_count(heads, kv, 64) == 6
+    assert fixed.exact_head_count(heads, 4 * kv, 64) == 1
+    assert fixed.exact_head_count(heads, 16 * kv, 64) == 0
+    assert float_heads.replace(memory_fraction=1 / 4).exact_head_count(heads, kv, 64) == 9  # 9.0 exactly
 
 
 @pytest.mark.parametrize(
@@ -150,7 +157,7 @@ def test_bad_compress_settings_are_named(kwargs, match):
 
 def test_exact_heads_larger_than_the_budget_are_named():
     model = LLAMA.build()
-    config = CompressConfig(exact_heads=2, memory_fraction=0.25, **SMALL)  # 2 of 4 heads: half
+    config = CompressConfig(exact_heads=2, exact_bits=None, memory_fraction=0.25, **SMALL)  # 2 of 4: half
     with pytest.raises(CompressError, match=r"2 exact heads keep 768 numbers, the whole memory budget"):
         compress_prompt(model, None, _prompt(), config=config, progress=False)
     assert not any("ntk_" in name for name, _ in model.named_parameters())

@@ -54,7 +54,8 @@ def test_prompt_copied_into_exp_state_equals_the_full_prompt_model(arch):
 
 
 # Two exact states: every prompt token a virtual token, or every KV head an exact head.
-EXACT_STATES = {"virtual tokens": {}, "exact heads": dict(r=1, exact_heads=4, memory_fraction=None)}
+EXACT_STATES = {"virtual tokens": {},
+                "exact heads": dict(r=1, exact_heads=4, exact_bits=None, memory_fraction=None)}
 
 
 @pytest.mark.parametrize("state", EXACT_STATES)
@@ -139,12 +140,12 @@ def test_default_state_is_at_most_an_eighth_of_the_kv_cache_counting_every_tenso
 def test_a_fixed_size_state_keeps_its_size_as_the_prompt_grows():
     # memory_bytes: the budget is bytes (float32 numbers), not a share of the prompt's cache,
     # so a prompt 4x as long gets a state of the same size (and its exact heads, which keep
-    # every prompt token, give way to virtual tokens)
+    # every prompt token, give way to virtual tokens; float heads here, whose size is simple)
     model = LLAMA.build()
     budget = 4 * 2 * 2 * 2 * 8 * 40  # a 40-token prompt's whole cache, in bytes
     sizes = []
     for length in (40, 160):
-        config = CompressConfig(memory_bytes=budget, **SMALL)
+        config = CompressConfig(memory_bytes=budget, exact_bits=None, **SMALL)
         ntk = compress_prompt(model, None, _prompt(length=length), config=config, steps=0,
                               progress=False)
         try:
@@ -155,7 +156,9 @@ def test_a_fixed_size_state_keeps_its_size_as_the_prompt_grows():
         assert report.state_numel == stored <= budget // 4
         assert stored + 2 * 2 * (2 * 8 + 2) > budget // 4  # one more virtual token would not fit
         sizes.append(len(report.exact_heads))
-    assert sizes == [1, 0]  # 0.4 of the budget holds 1 of 4 heads at 40 tokens, none at 160
+    # at 40 tokens 0.4 of the budget holds 1 of the 4 heads, but 2 fit in 0.7 (EXACT_HEADS_MIN);
+    # at 160 tokens not one fits
+    assert sizes == [2, 0]
 
 
 def test_memory_mib_sets_a_fixed_size_from_the_command_line(tmp_path):

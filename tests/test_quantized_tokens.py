@@ -153,9 +153,10 @@ def test_compression_counts_quantised_heads_in_its_budget():
     """4-bit heads cost less than float ones, so more of them fit the same share; the state's
     reported size is what it stores and stays within the budget."""
     heads, kv = 90, 90 * 512 * 2 * 64  # SmolLM2-135M and a 512-token prompt
-    assert CompressConfig(memory_fraction=1 / 32).exact_head_count(heads, kv, 64) == 1
-    assert CompressConfig(memory_fraction=1 / 32, exact_bits=4).exact_head_count(heads, kv, 64) == 3
-    assert CompressConfig(exact_bits=4).exact_head_count(heads, kv, 64) == 14
+    float_heads = CompressConfig(memory_fraction=1 / 32, exact_bits=None)
+    assert float_heads.exact_head_count(heads, kv, 64) == 1
+    assert float_heads.replace(exact_bits=4).exact_head_count(heads, kv, 64) == 6
+    assert float_heads.replace(exact_bits=4, memory_fraction=1 / 8).exact_head_count(heads, kv, 64) == 14
 
     model = LLAMA.build()
     prompt = torch.randint(3, 97, (80,), generator=torch.Generator().manual_seed(0))
