@@ -107,7 +107,7 @@ def evaluate(method_model, prefix_ids, questions, tokenizer, full_replies, full_
     return rows
 
 
-def run_prompt(model, tokenizer, spec, budgets, seed, log, changes):
+def run_prompt(model, tokenizer, spec, budgets, seed, log, changes, state_only=False):
     system = spec["system"]
     questions = spec["questions"]
     system_ids = system_prompt_ids(tokenizer, system)
@@ -146,6 +146,8 @@ def run_prompt(model, tokenizer, spec, budgets, seed, log, changes):
                 exact_bits=c.exact_bits), duo_fraction),
         ]
     methods.append(("no prompt", lambda: no_prompt(model, m), 0.0))
+    if state_only:
+        methods = [method for method in methods if method[0].startswith("state ")]
     for method, make, fraction in methods:
         started = time.perf_counter()
         with make() as ntk:
@@ -216,11 +218,20 @@ def main() -> None:
     parser.add_argument("--exact-bits", choices=["float", "2", "4", "8"],
                         help="bits of the retrieval heads' kept tokens, of the state and of "
                         "retrieval+recent (default: the recipe's)")
+    parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
+                        help="more CompressConfig changes, e.g. rereads=12 (ints, floats, None)")
+    parser.add_argument("--state-only", action="store_true",
+                        help="run the full prompt and the states only (no eviction baselines)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", required=True)
     args = parser.parse_args()
     changes = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if key not in CompressConfig.__dataclass_fields__:
+            raise SystemExit(f"--set {item!r}: {key!r} is not a CompressConfig field")
+        changes[key] = None if value == "None" else (float(value) if "." in value or "e" in value else int(value))
     if args.exact_heads is not None:
         changes["exact_heads"] = args.exact_heads
     if args.exact_bits is not None:
@@ -229,7 +240,8 @@ def main() -> None:
     model, tokenizer = shared.load_model()
     specs = [spec for spec in json.loads(DATA.read_text()) if spec["split"] == args.split]
     prompts = [run_prompt(model, tokenizer, spec, args.budgets, args.seed,
-                          lambda line: print(line, flush=True), changes) for spec in specs]
+                          lambda line: print(line, flush=True), changes, args.state_only)
+               for spec in specs]
     document = {"environment": environment(), "split": args.split,
                 "config_changes": changes, "prompts": prompts,
                 "summary": summary(prompts)}
