@@ -123,10 +123,9 @@ def test_the_default_number_of_exact_heads_is_a_share_of_the_budget():
     kv = heads * 512 * 2 * 64  # a 512-token prompt's KV cache
     # 4-bit heads (the default) cost 0.3125 of a float head: 36 fit in 1/8 of the cache
     assert CompressConfig().exact_head_count(heads, kv, 64) == 14  # 0.4 x 36 = 14.4
-    # 1/32: 0.4 x 9 = 3.6, but at least 6 while they take <= 0.7 of the budget (6.3 heads)
-    assert CompressConfig(memory_fraction=1 / 32).exact_head_count(heads, kv, 64) == 6
+    assert CompressConfig(memory_fraction=1 / 32).exact_head_count(heads, kv, 64) == 3  # 3.6
     float_heads = CompressConfig(exact_bits=None)
-    assert float_heads.exact_head_count(heads, kv, 64) == 6  # 0.4 x 11.25 = 4.5; 0.7: 7.9
+    assert float_heads.exact_head_count(heads, kv, 64) == 4  # 0.4 x 1/8 x 90 = 4.5
     assert float_heads.replace(memory_fraction=1 / 32).exact_head_count(heads, kv, 64) == 1
     assert CompressConfig(memory_fraction=None).exact_head_count(heads, kv, 64) == 0
     assert CompressConfig(feature_map="elu").exact_head_count(heads, kv, 64) == 0
@@ -136,7 +135,7 @@ def test_the_default_number_of_exact_heads_is_a_share_of_the_budget():
     # prompt 4x as long (each keeps every token), none once one head's share does not fit
     equal = 4 * kv // 8  # bytes of 1/8 of this prompt's cache (float32)
     fixed = float_heads.replace(memory_bytes=equal)
-    assert fixed.exact_head_count(heads, kv, 64) == 6
+    assert fixed.exact_head_count(heads, kv, 64) == 4
     assert fixed.exact_head_count(heads, 4 * kv, 64) == 1
     assert fixed.exact_head_count(heads, 16 * kv, 64) == 0
     assert float_heads.replace(memory_fraction=1 / 4).exact_head_count(heads, kv, 64) == 9  # 9.0 exactly

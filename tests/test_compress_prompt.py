@@ -156,9 +156,7 @@ def test_a_fixed_size_state_keeps_its_size_as_the_prompt_grows():
         assert report.state_numel == stored <= budget // 4
         assert stored + 2 * 2 * (2 * 8 + 2) > budget // 4  # one more virtual token would not fit
         sizes.append(len(report.exact_heads))
-    # at 40 tokens 0.4 of the budget holds 1 of the 4 heads, but 2 fit in 0.7 (EXACT_HEADS_MIN);
-    # at 160 tokens not one fits
-    assert sizes == [2, 0]
+    assert sizes == [1, 0]  # 0.4 of the budget holds 1 of 4 heads at 40 tokens, none at 160
 
 
 def test_memory_mib_sets_a_fixed_size_from_the_command_line(tmp_path):

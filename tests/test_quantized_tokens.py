@@ -155,7 +155,7 @@ def test_compression_counts_quantised_heads_in_its_budget():
     heads, kv = 90, 90 * 512 * 2 * 64  # SmolLM2-135M and a 512-token prompt
     float_heads = CompressConfig(memory_fraction=1 / 32, exact_bits=None)
     assert float_heads.exact_head_count(heads, kv, 64) == 1
-    assert float_heads.replace(exact_bits=4).exact_head_count(heads, kv, 64) == 6
+    assert float_heads.replace(exact_bits=4).exact_head_count(heads, kv, 64) == 3
     assert float_heads.replace(exact_bits=4, memory_fraction=1 / 8).exact_head_count(heads, kv, 64) == 14
 
     model = LLAMA.build()

@@ -25,7 +25,7 @@ from ..ops import FEATURE_MAPS as MAP_CLASSES
 from ..ops import FeatureMap
 from ..tuner.quantized_tokens import BITS, token_numbers
 
-__all__ = ["EXACT_HEADS_MIN", "EXACT_HEADS_SHARE", "FEATURE_MAPS", "INITS", "CompressConfig", "CompressError"]
+__all__ = ["EXACT_HEADS_SHARE", "FEATURE_MAPS", "INITS", "CompressConfig", "CompressError"]
 
 # Feature maps a prompt can be compressed with, and the initialisation each uses by default
 # (a policy table: what each map can do is asked of its class, ``_map_class``).
@@ -34,13 +34,9 @@ FEATURE_MAPS = {"exp": "select", "elu": "zeros", "favor": "closed_form", "taylor
 # Z = sum phi(k_i) v_i^T, kappa = sum phi(k_i) over the prompt; zeros: Z = 0, kappa = 0
 # (the prompt dropped). The first ``sink`` tokens are kept exactly with every init.
 INITS = ("auto", "select", "closed_form", "zeros")
-# With exact_heads=None (auto), an exp state spends up to EXACT_HEADS_SHARE of its budget on
-# retrieval heads that keep every prompt token, and keeps at least EXACT_HEADS_MIN of them while
-# they take at most EXACT_HEADS_MAX_SHARE (a small budget: at 1/32 six 4-bit heads leave r = 5
-# and close more of the gap than three with r = 10; docs/results/REPORT.md section 5).
+# With exact_heads=None (auto), an exp state spends up to this share of its budget on retrieval
+# heads that keep every prompt token (each costs CompressConfig.exact_head_numel numbers).
 EXACT_HEADS_SHARE = 0.4
-EXACT_HEADS_MIN = 6
-EXACT_HEADS_MAX_SHARE = 0.7
 
 
 class CompressError(ValueError):
@@ -84,8 +80,7 @@ class CompressConfig:
                        exactly, chosen by how much they copy from the prompt when it is read
                        again (teacher.retrieval_scores): the heads that find a rare name or
                        acronym of the prompt when the text repeats it. None = as many as fit
-                       in EXACT_HEADS_SHARE of the budget, at least EXACT_HEADS_MIN while
-                       they fit in EXACT_HEADS_MAX_SHARE (0 without a budget or for a PEFT
+                       in EXACT_HEADS_SHARE of the budget (0 without a budget or for a PEFT
                        prefix, which has no tokens to re-read); 0 = none.
       exact_bits       the exact heads' tokens kept in this many bits (2, 4, 8; keys per
                        channel, values per token over groups of 32, as KIVI quantises a KV
@@ -229,8 +224,7 @@ class CompressConfig:
 
     def exact_head_count(self, heads: int, kv_cache_numel: int, head_dim: int) -> int:
         """How many of ``heads`` KV heads (layers x Hkv) keep the whole prefix exactly: as
-        given, or (auto) as many as fit in EXACT_HEADS_SHARE of the budget and at least
-        EXACT_HEADS_MIN while they fit in EXACT_HEADS_MAX_SHARE, one head costing
+        given, or (auto) as many as fit in EXACT_HEADS_SHARE of the budget, one head costing
         ``exact_head_numel`` (1 / heads of the prefix's KV cache of ``kv_cache_numel``
         numbers when kept in float)."""
         if not _map_class(self.feature_map).only_virtual_tokens():
@@ -242,12 +236,8 @@ class CompressConfig:
             return 0
         tokens = kv_cache_numel // (heads * 2 * head_dim)
         head = self.exact_head_numel(tokens, head_dim)
-        def fitting(share: float) -> int:
-            # (+1e-9: a share that is a whole number of heads in exact arithmetic stays one)
-            return math.floor(share * budget / head + 1e-9)
-
-        count = max(fitting(EXACT_HEADS_SHARE), min(EXACT_HEADS_MIN, fitting(EXACT_HEADS_MAX_SHARE)))
-        return min(heads, count)
+        # (+1e-9: a share that is a whole number of heads in exact arithmetic stays one)
+        return min(heads, math.floor(EXACT_HEADS_SHARE * budget / head + 1e-9))
 
     def replace(self, **changes: Any) -> CompressConfig:
         return dataclasses.replace(self, **changes)
