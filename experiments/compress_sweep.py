@@ -102,7 +102,8 @@ def markdown(document) -> str:
            summary_line(document["environment"]), "",
            "Share of the no-prompt KL gap closed on the 64-token continuation; r = virtual tokens "
            "per KV head left by the budget, heads = exact (retrieval) heads; time = the "
-           "setting's own initialisation and distillation (1 torch thread).", "",
+           "setting's own initialisation and distillation (the torch threads above; runs that "
+           "shared the machine with another job are slower).", "",
            "| setting | r | heads | " + " | ".join(titles) + " | worst | mean | time (s) |",
            "|---|---|---|" + "---|" * len(titles) + "---|---|---|"]
     for setting in document["settings"]:
