@@ -4,6 +4,7 @@ was)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -279,3 +280,27 @@ def test_a_config_without_peft_type_says_it_is_not_an_adapter_config(tmp_path, d
     (tmp_path / "adapter_config.json").write_text(json.dumps(document))
     with pytest.raises(AdapterLoadError, match="has no peft_type, so it is not an adapter's config"):
         NTKModel.from_pretrained(LLAMA.build(), tmp_path)
+
+
+def test_an_adapter_saved_before_a_field_existed_still_loads(saved):
+    """A file written before exact_bits / gated / sink_tokens existed has none of them in its
+    config and a digest computed without them: it loads as the value their absence means."""
+    path, batch, logits = saved
+    config_path = path / "adapter_config.json"
+    document = json.loads(config_path.read_text())
+    for name in ("exact_bits", "gated"):
+        assert name in document
+        del document[name]
+    config_path.write_text(json.dumps(document))
+    # the digest as the version before exact_bits computed it: over the fields it knew
+    fields = NTKConfig(rank=4, learn_log_scale=True, target_layers=[1]).to_dict()
+    for name in ("exact_bits", "gated"):
+        del fields[name]
+    text = json.dumps(fields, sort_keys=True, separators=(",", ":"))
+    weights = path / "adapter_model.safetensors"
+    save_file(load_file(weights), weights, metadata={
+        "format": "pt", "ntk_config_sha256": hashlib.sha256(text.encode()).hexdigest()})
+    ntk = NTKModel.from_pretrained(LLAMA.build(), path)
+    assert ntk.peft_config["default"].exact_bits is None
+    with torch.no_grad():
+        assert torch.equal(ntk(**batch).logits, logits)

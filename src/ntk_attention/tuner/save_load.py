@@ -61,8 +61,8 @@ class AdapterLoadError(ValueError):
 
 # ------------------------------------------------------------------ writing
 # NTKConfig fields added after format 1 -> what a file without them means (sink_tokens: every
-# query read the state before the field existed).
-_LEGACY_DEFAULTS = {"sink_tokens": 0, "gated": False}
+# query read the state before the field existed; exact_bits: exact heads were float).
+_LEGACY_DEFAULTS = {"sink_tokens": 0, "gated": False, "exact_bits": None}
 
 
 def config_digest(config: NTKConfig) -> str:
