@@ -5,10 +5,11 @@ same bytes for every prompt length: exact heads give way to virtual tokens as th
 grows).
 
 Each state's shape (r, exact heads, tokens they keep) is what ``compress_prompt`` would build
-for a prompt of that length: ``compress.state.ntk_config_for`` on a prefix of that length and
+for a prompt of that length: ``compress.initial_state.ntk_config_for`` on a prefix of that length and
 ``CompressConfig.exact_head_count`` heads; the values do not change the time, so the states
 are not trained and the cache holds random numbers. Time: median of ``--steps`` single
-decoding steps (batch 1, one torch thread), after two warm-up steps.
+decoding steps (batch 1, one torch thread), after two warm-up steps; a state decodes as
+``generate()`` runs it (each layer builds its state once per call). Size: the bytes stored.
 
     python benchmarks/state_decode_latency.py --output docs/results/state_decode_latency_cpu
 """
@@ -68,10 +69,15 @@ def measure(model, lengths: list[int], memory_bytes: int, steps: int) -> list[di
             ntk = get_ntk_model(model, ntk_config)
             try:
                 empty = DynamicCache()
-                row[f"{name}_seconds"] = seconds_per_step(
-                    lambda i, ntk=ntk, empty=empty: ntk(input_ids=token, past_key_values=empty,
-                                                        use_cache=True), steps)
-                row[f"{name}_bytes"] = 4 * sum(t.numel() for t in ntk.adapter_state_dict().values())
+                # as generate() decodes: each layer builds its state (retrieval heads
+                # dequantised and joined) once per call, not per token
+                with ntk._decoding():
+                    row[f"{name}_seconds"] = seconds_per_step(
+                        lambda i, ntk=ntk, empty=empty: ntk(input_ids=token, past_key_values=empty,
+                                                            use_cache=True), steps)
+                # the bytes stored (4-bit codes are uint8, ranges float32)
+                row[f"{name}_bytes"] = sum(t.numel() * t.element_size()
+                                           for t in ntk.adapter_state_dict().values())
                 row[f"{name}_r"] = ntk_config.r
                 row[f"{name}_exact_heads"] = len(ntk_config.exact_heads or ())
             finally:
