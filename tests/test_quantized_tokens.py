@@ -187,3 +187,9 @@ def test_a_saved_file_with_float_codes_is_refused(tmp_path):
     save_file(tensors, str(path), metadata=metadata)
     with pytest.raises(AdapterLoadError, match=r"key_codes' has dtype torch.float32, the model expects torch.uint8"):
         NTKModel.from_pretrained(LLAMA.build().double(), tmp_path)
+
+
+@pytest.mark.parametrize("bits, match", [(None, r"QuantizedTokens needs bits"), (3, r"exact_bits must be one of")])
+def test_quantized_tokens_need_a_valid_bit_count(bits, match):
+    with pytest.raises(ValueError, match=match):
+        QuantizedTokens(1, 4, 8, bits)

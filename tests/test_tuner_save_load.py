@@ -304,3 +304,15 @@ def test_an_adapter_saved_before_a_field_existed_still_loads(saved):
     assert ntk.peft_config["default"].exact_bits is None
     with torch.no_grad():
         assert torch.equal(ntk(**batch).logits, logits)
+
+
+def test_a_tensor_of_another_kind_of_dtype_is_refused(saved):
+    path, _, _ = saved
+    weights = path / "adapter_model.safetensors"
+    metadata = {"format": "pt", "ntk_config_sha256": save_load.config_digest(
+        NTKConfig(rank=4, learn_log_scale=True, target_layers=[1]))}
+    tensors = load_file(weights)
+    tensors["model.layers.1.self_attn.ntk_kappa"] = tensors["model.layers.1.self_attn.ntk_kappa"].long()
+    save_file(tensors, weights, metadata=metadata)
+    with pytest.raises(AdapterLoadError, match=r"ntk_kappa' has dtype torch.int64, the model expects torch.float32"):
+        NTKModel.from_pretrained(LLAMA.build(), path)

@@ -23,7 +23,7 @@ from typing import Any
 
 from ..ops import FEATURE_MAPS as MAP_CLASSES
 from ..ops import FeatureMap
-from ..tuner.quantized_tokens import BITS, token_numbers
+from ..tuner.quantized_tokens import check_bits, token_numbers
 
 __all__ = ["EXACT_HEADS_SHARE", "FEATURE_MAPS", "INITS", "CompressConfig", "CompressError"]
 
@@ -162,10 +162,7 @@ class CompressConfig:
                 )
             if self.exact_heads and self.rank is not None:
                 raise CompressError("exact_heads need a dense Z: use rank=None with exact_heads")
-        if self.exact_bits is not None and (
-            isinstance(self.exact_bits, bool) or self.exact_bits not in BITS
-        ):
-            raise CompressError(f"exact_bits must be one of {BITS} or None, got {self.exact_bits!r}")
+        check_bits(self.exact_bits, CompressError)
         if self.resolved_sink and not _keeps_exact_tokens(self.feature_map):
             raise CompressError(
                 f"an exact sink needs exponential features: use sink=0 with feature_map "

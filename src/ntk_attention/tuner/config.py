@@ -170,12 +170,9 @@ class NTKConfig:
         return self.sink_tokens
 
     def _validate_exact_heads(self) -> None:
-        from .quantized_tokens import BITS
+        from .quantized_tokens import check_bits
 
-        if self.exact_bits is not None and (
-            isinstance(self.exact_bits, bool) or self.exact_bits not in BITS
-        ):
-            raise ValueError(f"exact_bits must be one of {BITS} or None, got {self.exact_bits!r}")
+        check_bits(self.exact_bits)
         if self.exact_heads is None:
             if self.exact_tokens is not None:
                 raise ValueError("exact_tokens is set but exact_heads is None: give both or neither")

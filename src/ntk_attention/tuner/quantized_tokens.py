@@ -30,10 +30,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["BITS", "GROUP", "QuantizedTokens", "stored_numbers", "token_numbers"]
+__all__ = ["BITS", "GROUP", "QuantizedTokens", "check_bits", "stored_numbers", "token_numbers"]
 
 BITS = (2, 4, 8)
 GROUP = 32
+
+
+def check_bits(bits: object, error: type[ValueError] = ValueError) -> None:
+    """Raise ``error`` naming the problem unless ``bits`` is None (float) or one of BITS."""
+    if bits is not None and (isinstance(bits, bool) or bits not in BITS):
+        raise error(f"exact_bits must be one of {BITS} or None, got {bits!r}")
 
 
 def _grouped(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -103,8 +109,9 @@ class QuantizedTokens(nn.Module):
     def __init__(self, heads: int, tokens: int, head_dim: int, bits: int,
                  device: torch.device | None = None) -> None:
         super().__init__()
-        if bits not in BITS:
-            raise ValueError(f"exact_bits must be one of {BITS} or None, got {bits!r}")
+        if bits is None:
+            raise ValueError(f"QuantizedTokens needs bits, one of {BITS}; float tokens are Parameters")
+        check_bits(bits)
         self.bits, self.tokens, self.head_dim = bits, tokens, head_dim
         zeros = torch.zeros(heads, tokens, head_dim, device=device)
         self.register_buffer("key_codes", None)

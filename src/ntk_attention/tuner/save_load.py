@@ -149,7 +149,8 @@ def read_adapter_tensors(
     directory: str | os.PathLike, config: NTKConfig
 ) -> dict[str, torch.Tensor]:
     """The tensors of ``directory/adapter_model.safetensors``, checked to be a complete,
-    readable file saved with ``config`` and holding finite floating-point tensors."""
+    readable file saved with ``config`` whose floating-point tensors are finite (each tensor's
+    dtype is checked against the model's own by :func:`check_tensors`)."""
     path = Path(directory) / WEIGHTS_NAME
     if not path.is_file():
         raise AdapterLoadError(f"no {WEIGHTS_NAME} in {directory}")
@@ -171,11 +172,7 @@ def read_adapter_tensors(
             "files come from different saves"
         )
     for key, tensor in tensors.items():
-        if tensor.dtype == torch.uint8 and ".ntk_exact_quantized." in f".{key}":
-            continue  # the codes of quantised kept tokens (tuner.quantized_tokens)
-        if not tensor.is_floating_point():
-            raise AdapterLoadError(f"{path}: tensor {key!r} has dtype {tensor.dtype}, expected float")
-        if not torch.isfinite(tensor).all():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise AdapterLoadError(f"{path}: tensor {key!r} holds NaN or infinite values")
     return tensors
 
@@ -185,7 +182,9 @@ def check_tensors(
     tensors: dict[str, torch.Tensor],
     expected: dict[str, torch.Tensor],
 ) -> None:
-    """The loaded keys and shapes must be exactly the ones the adapter has in this model."""
+    """The loaded keys and shapes must be exactly the ones the adapter has in this model, and
+    each dtype its kind: a float for a float (any precision: the model may be bf16), the very
+    dtype otherwise (e.g. the uint8 codes of quantised kept tokens)."""
     path = Path(directory) / WEIGHTS_NAME
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -195,15 +194,16 @@ def check_tensors(
             f"{_preview(missing)}, unexpected {_preview(unexpected)}"
         )
     for key, target in expected.items():
-        if tuple(tensors[key].shape) != tuple(target.shape):
+        loaded = tensors[key]
+        if tuple(loaded.shape) != tuple(target.shape):
             raise AdapterLoadError(
-                f"{path}: tensor {key!r} has shape {tuple(tensors[key].shape)}, the model "
+                f"{path}: tensor {key!r} has shape {tuple(loaded.shape)}, the model "
                 f"expects {tuple(target.shape)}"
             )
-        if tensors[key].is_floating_point() != target.is_floating_point():
+        both_float = loaded.is_floating_point() and target.is_floating_point()
+        if loaded.dtype != target.dtype and not both_float:
             raise AdapterLoadError(
-                f"{path}: tensor {key!r} has dtype {tensors[key].dtype}, the model expects "
-                f"{target.dtype}"
+                f"{path}: tensor {key!r} has dtype {loaded.dtype}, the model expects {target.dtype}"
             )
 
 

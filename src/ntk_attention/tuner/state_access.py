@@ -75,9 +75,8 @@ def _fields(layer: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
         table = getattr(state, kind)
         if adapter_name in table:
             out[kind.removeprefix("ntk_")] = table[adapter_name]
-    quantized = state.ntk_exact_quantized[adapter_name] if adapter_name in state.ntk_exact_quantized else None
-    if quantized is not None:  # dequantised views: write_state quantises what it is given
-        out["exact_keys"], out["exact_values"] = quantized.keys(), quantized.values()
+    if adapter_name in state.ntk_exact_quantized:  # dequantised: write_state quantises
+        out["exact_keys"], out["exact_values"] = state.exact_tokens(adapter_name)
     feature_map = state.ntk_feature_map[adapter_name]
     virtual = feature_map.virtual_token_tensors() or ()
     for key, tensor in feature_map.state_dict(keep_vars=True).items():
