@@ -219,19 +219,14 @@ def main() -> None:
                         help="bits of the retrieval heads' kept tokens, of the state and of "
                         "retrieval+recent (default: the recipe's)")
     parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
-                        help="more CompressConfig changes, e.g. rereads=12 (ints, floats, None)")
+                        help="more CompressConfig changes, e.g. rereads=12 (ints, floats, None, text)")
     parser.add_argument("--state-only", action="store_true",
                         help="run the full prompt and the states only (no eviction baselines)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", required=True)
     args = parser.parse_args()
-    changes = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        if key not in CompressConfig.__dataclass_fields__:
-            raise SystemExit(f"--set {item!r}: {key!r} is not a CompressConfig field")
-        changes[key] = None if value == "None" else (float(value) if "." in value or "e" in value else int(value))
+    changes = shared.config_changes(args.set, "--set")
     if args.exact_heads is not None:
         changes["exact_heads"] = args.exact_heads
     if args.exact_bits is not None:

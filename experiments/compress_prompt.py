@@ -77,6 +77,24 @@ TRAINED = ("exp (trained)", "elu (trained)")
 BASELINES = ("sink+recent", "snapkv")  # the issue's targets; retrieval+recent is reported beside
 
 
+def config_changes(items, where: str) -> dict:
+    """["steps=600", "exact_bits=None", ...] -> CompressConfig changes (ints, floats, None, or
+    the text); ``where`` names the argument in the error."""
+    changes = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        if key not in CompressConfig.__dataclass_fields__:
+            raise SystemExit(f"{where}: {key!r} is not a CompressConfig field")
+        if value == "None":
+            changes[key] = None
+            continue
+        try:
+            changes[key] = int(value)
+        except ValueError:
+            changes[key] = float(value) if value.replace(".", "", 1).replace("e-", "", 1).isdigit() else value
+    return changes
+
+
 def load_model():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

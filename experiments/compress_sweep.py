@@ -46,19 +46,7 @@ def parse_setting(text: str) -> tuple[str, dict]:
     budget, _, fields = text.partition(":")
     if budget not in shared.FRACTIONS:
         raise SystemExit(f"setting {text!r}: budget must be one of {sorted(shared.FRACTIONS)}")
-    changes = {}
-    for item in filter(None, fields.split(",")):
-        key, _, value = item.partition("=")
-        if key not in CompressConfig.__dataclass_fields__:
-            raise SystemExit(f"setting {text!r}: {key!r} is not a CompressConfig field")
-        if value == "None":
-            changes[key] = None
-            continue
-        try:
-            changes[key] = int(value)
-        except ValueError:
-            changes[key] = float(value) if value.replace(".", "", 1).replace("e-", "", 1).isdigit() else value
-    return budget, changes
+    return budget, shared.config_changes(filter(None, fields.split(",")), f"setting {text!r}")
 
 
 def run_document(model, title, ids, settings, seed):
